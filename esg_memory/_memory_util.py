@@ -1,0 +1,153 @@
+"""Validation and small helpers shared by `EditMemory` and its store (not public API)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from index.errors import (
+    DuplicateIdError,
+    IndexFormatError,
+    ScopedIndexError,
+    UnknownIdError,
+)
+
+from .errors import (
+    ConfigError,
+    DuplicateEditError,
+    EsgMemoryError,
+    FormatError,
+    ImageError,
+    InvalidInputError,
+    UnknownEditError,
+)
+from .types import EditVersion
+
+__all__ = [
+    "MAX_TEXT_CHARS",
+    "NeighbourTable",
+    "check_encoder",
+    "check_keys",
+    "check_text",
+    "edit_seed",
+    "normalize_image_arg",
+    "translate_index_error",
+]
+
+#: Longest question / answer / positive text accepted (characters).
+MAX_TEXT_CHARS = 8192
+
+
+def check_text(x: Any, what: str) -> str:
+    if not isinstance(x, str):
+        raise InvalidInputError(f"{what} must be a string, not {type(x).__name__}")
+    if not x.strip():
+        raise InvalidInputError(f"{what} must not be empty")
+    if len(x) > MAX_TEXT_CHARS:
+        raise InvalidInputError(f"{what} is {len(x)} characters; the limit is {MAX_TEXT_CHARS}")
+    if "\x00" in x:
+        raise InvalidInputError(f"{what} contains a NUL character")
+    return x
+
+
+def check_keys(x: Any, n: int | None, dim: int, what: str) -> np.ndarray:
+    """A (n, dim) float32 array of unit rows, or a typed error."""
+    try:
+        a = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{what}: not a numeric array ({e})") from None
+    if a.ndim == 1 and n is None and a.shape[0] == dim:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] != dim or (n is not None and a.shape[0] != n):
+        raise InvalidInputError(f"{what}: shape {a.shape}, expected ({'n' if n is None else n}, {dim})")
+    if not np.all(np.isfinite(a)):
+        raise InvalidInputError(f"{what}: contains NaN or inf")
+    norms = np.linalg.norm(a.astype(np.float64), axis=1)
+    if np.any(norms < 1e-12):
+        raise InvalidInputError(f"{what}: contains a zero vector")
+    return np.ascontiguousarray((a / norms[:, None]).astype(np.float32))
+
+
+def check_encoder(encoder: Any) -> None:
+    name = getattr(encoder, "name", None)
+    dim = getattr(encoder, "dim", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError("encoder must have a non-empty string `name`")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 1:
+        raise ConfigError("encoder must have a positive integer `dim`")
+    for m in ("encode", "encode_texts", "encode_images"):
+        if not callable(getattr(encoder, m, None)):
+            raise ConfigError(f"encoder must have a callable `{m}`")
+
+
+def normalize_image_arg(image: Any) -> Any:
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        return image
+    raise ImageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
+
+
+def edit_seed(seed: int, v: EditVersion) -> int:
+    """Seed of a version's generated positives: from its content, never its id or arrival order."""
+    h = hashlib.sha256(f"{seed}\x00{v.image}\x00{v.question}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def translate_index_error(e: ScopedIndexError) -> EsgMemoryError:
+    msg = f"index: {e}"
+    if isinstance(e, DuplicateIdError):
+        return DuplicateEditError(msg)
+    if isinstance(e, UnknownIdError):
+        return UnknownEditError(msg)
+    if isinstance(e, IndexFormatError):
+        return FormatError(msg)
+    return InvalidInputError(msg)
+
+
+class NeighbourTable:
+    """Every present edit's candidate vectors in one growable matrix: a fast pre-filter for neighbours.
+
+    Exactness never rests on it (links are recomputed per pair); it only narrows which pairs to check.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self._mat = np.zeros((64, dim), dtype=np.float32)
+        self._owner = np.full(64, -1, dtype=np.int64)
+        self._n = 0
+        self._rows: dict[int, np.ndarray] = {}
+        self._dead = 0
+
+    def add(self, eid: int, vecs: np.ndarray) -> None:
+        m = vecs.shape[0]
+        if self._n + m > self._mat.shape[0]:
+            cap = max(2 * self._mat.shape[0], self._n + m)
+            mat = np.zeros((cap, self._mat.shape[1]), dtype=np.float32)
+            mat[: self._n] = self._mat[: self._n]
+            owner = np.full(cap, -1, dtype=np.int64)
+            owner[: self._n] = self._owner[: self._n]
+            self._mat, self._owner = mat, owner
+        self._mat[self._n : self._n + m] = vecs
+        self._owner[self._n : self._n + m] = eid
+        self._rows[eid] = np.arange(self._n, self._n + m)
+        self._n += m
+
+    def remove(self, eid: int) -> None:
+        rows = self._rows.pop(eid, None)
+        if rows is None:
+            return
+        self._owner[rows] = -1
+        self._dead += len(rows)
+        if self._dead > max(1024, self._n // 2):
+            live = self._owner[: self._n] >= 0
+            mat, owner = self._mat[: self._n][live], self._owner[: self._n][live]
+            self._mat = np.zeros_like(self._mat)
+            self._owner = np.full_like(self._owner, -1)
+            self._n, self._dead, self._rows = 0, 0, {}
+            for eid2 in dict.fromkeys(owner.tolist()):
+                self.add(eid2, mat[owner == eid2])
+
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._mat[: self._n], self._owner[: self._n]

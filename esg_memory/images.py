@@ -1,0 +1,113 @@
+"""Turning whatever a user calls "an image" into pixels plus a stable content hash.
+
+Edits store images by the SHA-256 of their encoded bytes, so the same picture given as a
+path, as bytes or as a PIL image is one blob, and keys can be cached by that hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import ImageError
+
+__all__ = [
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "ImageLike",
+    "LoadedImage",
+    "image_from_bytes",
+    "load_image",
+]
+
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+
+#: Refuse images with more pixels than this (pillow's decompression-bomb guard, made an error).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+#: Refuse encoded image files larger than this many bytes.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """Decoded RGB pixels, the canonical bytes they were decoded from, and those bytes' hash."""
+
+    image: Image.Image
+    data: bytes
+    sha256: str
+
+
+def _decode(data: bytes, what: str) -> Image.Image:
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"{what}: {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+    if not data:
+        raise ImageError(f"{what}: empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ImageError(
+                    f"{what}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit"
+                )
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{what}: refused as a decompression bomb ({e})") from None
+    except Exception as e:  # pillow raises many types for bad bytes; all mean the same to a caller
+        raise ImageError(f"{what}: not a decodable image ({type(e).__name__}: {e})") from None
+    return img.convert("RGB")
+
+
+def image_from_bytes(data: bytes, what: str = "image") -> LoadedImage:
+    """Decode encoded image bytes (PNG, JPEG, ...), checking size limits."""
+    data = bytes(data)
+    return LoadedImage(_decode(data, what), data, hashlib.sha256(data).hexdigest())
+
+
+def _resolve(path: Path, allowed_root: str | os.PathLike | None) -> Path:
+    if allowed_root is None:
+        return path
+    root = Path(allowed_root).resolve()
+    full = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    if full != root and root not in full.parents:
+        raise ImageError(f"image path {str(path)!r} resolves outside the allowed root {str(root)!r}")
+    return full
+
+
+def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) -> LoadedImage:
+    """Load a path, encoded bytes or a PIL image.
+
+    A PIL image is re-encoded as PNG so its hash is a function of its pixels. With
+    ``allowed_root`` a path must resolve (symlinks and ``..`` followed) inside that root.
+    """
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        try:
+            image.convert("RGB").save(buf, format="PNG")
+        except Exception as e:
+            raise ImageError(f"PIL image could not be encoded ({type(e).__name__}: {e})") from None
+        return image_from_bytes(buf.getvalue(), "PIL image")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return image_from_bytes(bytes(image), "image bytes")
+    if isinstance(image, (str, os.PathLike)):
+        path = _resolve(Path(image), allowed_root)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageError(f"image file not found: {str(path)!r}") from None
+        except OSError as e:
+            raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
+        if not path.is_file():
+            raise ImageError(f"not a regular file: {str(path)!r}")
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{str(path)!r}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+        return image_from_bytes(path.read_bytes(), repr(str(path)))
+    raise ImageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")

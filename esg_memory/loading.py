@@ -1,0 +1,99 @@
+"""Resolve the model and encoder names users type (CLI, service, eval, demo) into objects.
+
+Model specs, open_clip-style (a registered name, or anything transformers' ``from_pretrained``
+takes):
+
+- ``"tiny-llava"`` / ``"esg-easyvqa-llava"``: the embedded default, a small LLaVA trained on
+  easy-vqa and shipped inside the package;
+- ``"tiny-random-llava"``, ``"tiny-random-llava_next"``, ``"tiny-random-qwen2_vl"``,
+  ``"tiny-random-qwen2_5_vl"``: seeded random tiny models built from configs (mechanics only);
+- an HF model id or a local directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "DEFAULT_MODEL",
+    "list_model_specs",
+    "load_base_model",
+    "load_encoder",
+    "register_model_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny-llava"
+DEFAULT_ENCODER = "esg-easyvqa-clip"
+
+_MODELS: dict[str, Callable[[], tuple[Any, Any]]] = {}
+
+
+def register_model_spec(name: str, factory: Callable[[], tuple[Any, Any]]) -> None:
+    """Make ``name`` loadable by :func:`load_base_model`; ``factory()`` returns ``(model, processor)``."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError("a model spec name must be a non-empty string")
+    _MODELS[name] = factory
+
+
+def _shipped_llava() -> tuple[Any, Any]:
+    from .pretrained import load_easyvqa_llava
+
+    return load_easyvqa_llava()
+
+
+def _random(model_type: str) -> Callable[[], tuple[Any, Any]]:
+    def build() -> tuple[Any, Any]:
+        from .tiny import build_tiny
+
+        return build_tiny(model_type)
+
+    return build
+
+
+register_model_spec("tiny-llava", _shipped_llava)
+register_model_spec("esg-easyvqa-llava", _shipped_llava)
+for _mt in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
+    register_model_spec(f"tiny-random-{_mt}", _random(_mt))
+
+
+def list_model_specs() -> list[str]:
+    return sorted(_MODELS)
+
+
+def load_base_model(spec: str | Path, **hf_kwargs: Any) -> tuple[Any, Any]:
+    """``(model, processor)`` for a registered name, a local directory or an HF id (eval mode)."""
+    key = str(spec)
+    if key in _MODELS:
+        model, processor = _MODELS[key]()
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .families import get_family
+
+        try:
+            from transformers import AutoConfig
+
+            get_family(AutoConfig.from_pretrained(key).model_type)
+            model = AutoModelForImageTextToText.from_pretrained(key, **hf_kwargs)
+            processor = AutoProcessor.from_pretrained(key)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot load model {key!r}: not a registered name ({', '.join(list_model_specs())}), "
+                f"not a local model directory, and not reachable on the hub ({e})"
+            ) from None
+    return model.eval(), processor
+
+
+def load_encoder(spec: str | None = None) -> Any:
+    """A key encoder from a spec (see :func:`esg_memory.encoders.create_encoder`)."""
+    from .encoders import create_encoder
+
+    return create_encoder(spec or DEFAULT_ENCODER)

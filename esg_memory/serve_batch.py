@@ -1,0 +1,222 @@
+"""Concurrency pieces of the service: a writer-preferring RW lock, a micro-batcher, a directory lock.
+
+None of this imports FastAPI, so the service core can be used (and benchmarked) in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LockError
+
+__all__ = ["DirectoryLock", "MicroBatcher", "OverloadedError", "RWLock"]
+
+logger = logging.getLogger(__name__)
+
+
+class OverloadedError(RuntimeError):
+    """The generate queue is full (the HTTP layer answers 503 so clients back off)."""
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so writes are never starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    rows: int
+    payload: Any
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """Groups queued jobs with equal keys into one call of ``run(key, payloads) -> results``.
+
+    One worker thread: the first queued job opens a batch; jobs with the same key queued within
+    ``wait_s`` join it (FIFO, up to ``max_rows`` rows). Jobs with other keys keep their place. If a
+    batch of several jobs fails, each job is retried alone so one bad request cannot fail others.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Hashable, Sequence[Any]], Sequence[Any]],
+        max_rows: int = 16,
+        wait_s: float = 0.003,
+        max_queue: int = 256,
+        on_batch: Callable[[int, int], None] | None = None,
+        name: str = "esg-batcher",
+    ) -> None:
+        if max_rows < 1 or wait_s < 0 or max_queue < 1:
+            raise ValueError("max_rows and max_queue must be >= 1 and wait_s >= 0")
+        self._run = run
+        self.max_rows = max_rows
+        self.wait_s = wait_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, payload: Any, rows: int = 1) -> Future:
+        """Queue a job; its future resolves to the job's result (or raises its error)."""
+        job = _Job(key, max(1, int(rows)), payload)
+        with self._cond:
+            if self._closed:
+                raise OverloadedError("the service is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise OverloadedError(f"{len(self._queue)} generate requests are already queued")
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop taking jobs, finish the queued ones, join the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, rows = [first], first.rows
+            deadline = time.monotonic() + self.wait_s
+            while rows < self.max_rows:
+                for job in list(self._queue):
+                    if job.key == first.key and rows + job.rows <= self.max_rows:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        rows += job.rows
+                left = deadline - time.monotonic()
+                if rows >= self.max_rows or left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if live:
+                self._execute(live)
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        if self._on_batch is not None:
+            self._on_batch(len(jobs), sum(j.rows for j in jobs))
+        try:
+            results = list(self._run(jobs[0].key, [j.payload for j in jobs]))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"batch runner returned {len(results)} results for {len(jobs)} jobs")
+        except BaseException as exc:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+                return
+            logger.warning("a batch of %d jobs failed (%s); retrying them one by one", len(jobs), exc)
+            for job in jobs:
+                try:
+                    job.future.set_result(self._run(job.key, [job.payload])[0])
+                except BaseException as one:
+                    job.future.set_exception(one)
+            return
+        for job, res in zip(jobs, results, strict=True):
+            job.future.set_result(res)
+
+
+class DirectoryLock:
+    """An exclusive advisory lock (``flock``) on ``<dir>/.esg-serve.lock``: one writing server per memory.
+
+    Two writers on one directory would each save their own snapshot over the other's; the second
+    server is refused with `LockError` instead. Released on `release` or when the process dies.
+    """
+
+    FILE = ".esg-serve.lock"
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / self.FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; document rather than pretend
+            logger.warning("no fcntl here: %s is not protected against a second server", self.path)
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LockError(f"another server is writing {self.path.parent} ({self.path} is locked)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

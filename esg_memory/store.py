@@ -1,0 +1,333 @@
+"""Saving and loading an `EditMemory` as a versioned directory of plain data.
+
+Layout (format version 1)::
+
+    memory.json          format, format_version, encoder name/dim, config, next_id, retired ids,
+                         edits (with every version and its scope), attachment list, file checksums
+    keys.safetensors     per edit: candidates, own negatives, question embedding, thresholds; the pool
+    blobs/<sha256>       every stored image once, named by the SHA-256 of its bytes
+    attachments/<file>   opaque per-(edit, version, kind) bytes
+    index/               the `ScopedIndex`, written by its own `save`
+
+The directory is written with `index._fs.atomic_directory` (a crash leaves the old one). `load`
+checks everything it reads — format and version, encoder identity, checksums, shapes — and
+refuses with `FormatError` / `EncoderMismatchError` rather than guess; no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from index import ScopedIndex
+from index._fs import atomic_directory, recover_dir
+from index.errors import ScopedIndexError
+
+from ._memory_state import EditState, EditVectors
+from ._memory_util import check_encoder
+from .errors import ConfigError, EncoderMismatchError, FormatError
+from .scope import ScopeFit
+from .types import EditVersion, MemoryConfig
+
+if TYPE_CHECKING:
+    from .memory import EditMemory
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_memory", "save_memory"]
+
+logger = logging.getLogger("esg_memory.store")
+
+FORMAT_NAME = "esg-memory"
+FORMAT_VERSION = 1
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_memory(mem: EditMemory, path: Path) -> None:
+    """Write ``mem`` to ``path`` atomically. Caller holds the memory's locks."""
+    tensors: dict[str, np.ndarray] = {
+        "pool": np.ascontiguousarray(mem._pool, dtype=np.float32),
+        "pool_images": np.ascontiguousarray(mem._pool_image_vecs, dtype=np.float32),
+    }
+    edits = []
+    for eid in sorted(mem._edits):
+        st = mem._edits[eid]
+        v = st.vec
+        tensors[f"e{eid}.cand"] = np.ascontiguousarray(v.cand, dtype=np.float32)
+        tensors[f"e{eid}.own_neg"] = np.ascontiguousarray(v.own_neg, dtype=np.float32).reshape(
+            -1, v.cand.shape[1]
+        )
+        tensors[f"e{eid}.qtext"] = np.ascontiguousarray(v.qtext, dtype=np.float32)
+        tensors[f"e{eid}.ivec"] = np.ascontiguousarray(v.ivec, dtype=np.float32)
+        tensors[f"e{eid}.thr"] = np.ascontiguousarray(st.fit.thresholds, dtype=np.float32)
+        edits.append(
+            {
+                "id": eid,
+                "created_at": st.created_at,
+                "updated_at": st.updated_at,
+                "metadata": st.metadata,
+                "versions": [x.to_dict() for x in st.versions],
+                "key_index": list(st.fit.key_index),
+                "cand_labels": list(v.cand_labels),
+                "own_neg_labels": list(v.own_neg_labels),
+                "nbrs": [[n, s] for n, s in sorted(st.nbrs.items())],
+            }
+        )
+    keys_bytes = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    attachments = []
+    files: dict[str, bytes] = {}
+    for n, ((eid, ver, kind), data) in enumerate(sorted(mem._attachments.items())):
+        name = f"{n:08d}.bin"
+        files[name] = data
+        attachments.append(
+            {
+                "edit": eid,
+                "version": ver,
+                "kind": kind,
+                "file": name,
+                "sha256": _sha(data),
+                "bytes": len(data),
+            }
+        )
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "encoder": {
+            "name": mem.encoder.name,
+            "dim": int(mem.encoder.dim),
+            "spec": getattr(mem.encoder, "spec", None),
+        },
+        "config": mem.config.to_dict(),
+        "backend": mem._backend,
+        "next_id": mem._next_id,
+        "retired": sorted(mem._retired),
+        "pool": {"n": int(mem._pool.shape[0]), "images": list(mem._pool_images)},
+        "edits": edits,
+        "attachments": attachments,
+        "files": {"keys.safetensors": {"sha256": _sha(keys_bytes), "bytes": len(keys_bytes)}},
+    }
+    with atomic_directory(path) as tmp:
+        (tmp / "keys.safetensors").write_bytes(keys_bytes)
+        (tmp / "blobs").mkdir()
+        for sha, data in mem._blobs.items():
+            (tmp / "blobs" / sha).write_bytes(data)
+        (tmp / "attachments").mkdir()
+        for name, data in files.items():
+            (tmp / "attachments" / name).write_bytes(data)
+        mem._index.save(tmp / "index")
+        (tmp / "memory.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
+    logger.info("saved %d edits to %s", len(edits), path)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{what}: missing file {path.name!r}") from None
+    except OSError as e:
+        raise FormatError(f"{what}: unreadable ({e.strerror})") from None
+
+
+def _checked(path: Path, sha: str, size: int, what: str) -> bytes:
+    data = _read(path, what)
+    if len(data) != size:
+        raise FormatError(f"{what}: {len(data)} bytes, expected {size} (truncated or replaced)")
+    if _sha(data) != sha:
+        raise FormatError(f"{what}: checksum mismatch (corrupted)")
+    return data
+
+
+def _resolve_encoder(enc_doc: dict[str, Any], encoder: Any) -> Any:
+    if encoder is None:
+        spec = enc_doc.get("spec")
+        if not spec:
+            raise ConfigError(f"this memory was made with encoder {enc_doc.get('name')!r}; pass encoder=")
+        from .encoders import create_encoder
+
+        encoder = create_encoder(spec)
+    check_encoder(encoder)
+    diffs = []
+    if encoder.name != enc_doc.get("name"):
+        diffs.append(f"name {enc_doc.get('name')!r} (saved) vs {encoder.name!r} (given)")
+    if int(encoder.dim) != enc_doc.get("dim"):
+        diffs.append(f"dim {enc_doc.get('dim')} (saved) vs {int(encoder.dim)} (given)")
+    if diffs:
+        raise EncoderMismatchError("memory was saved with another encoder: " + "; ".join(diffs))
+    return encoder
+
+
+def load_memory(cls: type[EditMemory], path: Path, encoder: Any, backend: str | None) -> EditMemory:
+    if not isinstance(path, Path) or not path.exists():
+        recover_dir(path)
+    if not path.is_dir():
+        raise FormatError(f"{str(path)!r} is not a memory directory")
+    raw = _read(path / "memory.json", "memory.json")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"memory.json is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise FormatError("memory.json is not an esg-memory file")
+    fv = doc.get("format_version")
+    if not isinstance(fv, int) or isinstance(fv, bool):
+        raise FormatError("memory.json has no integer format_version")
+    if fv > FORMAT_VERSION:
+        raise FormatError(
+            f"memory format version {fv} is newer than this library's ({FORMAT_VERSION}); upgrade"
+        )
+    if fv < 1:
+        raise FormatError(f"unknown memory format version {fv}")
+    try:
+        return _build(cls, path, doc, encoder, backend)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        if isinstance(e, (FormatError, EncoderMismatchError, ConfigError)):
+            raise
+        raise FormatError(f"memory.json is inconsistent: {type(e).__name__}: {e}") from None
+
+
+def _build(cls: type[EditMemory], path: Path, doc: dict[str, Any], encoder: Any, backend: str | None):
+    encoder = _resolve_encoder(doc["encoder"], encoder)
+    config = MemoryConfig.from_dict(doc["config"])
+    f = doc["files"]["keys.safetensors"]
+    try:
+        tensors = st_load(_checked(path / "keys.safetensors", f["sha256"], f["bytes"], "keys.safetensors"))
+    except SafetensorError as e:
+        raise FormatError(f"keys.safetensors: {e}") from None
+    dim = int(encoder.dim)
+
+    def tensor(name: str, ndim: int) -> np.ndarray:
+        if name not in tensors:
+            raise FormatError(f"keys.safetensors: missing tensor {name!r}")
+        t = tensors[name]
+        if (
+            t.dtype != np.float32
+            or t.ndim != ndim
+            or (ndim == 2 and t.shape[1] != dim)
+            or (ndim == 1 and name.endswith(("qtext", "ivec")) and t.shape[0] != dim)
+            or not np.all(np.isfinite(t))
+        ):
+            raise FormatError(f"keys.safetensors: tensor {name!r} has dtype {t.dtype} / shape {t.shape}")
+        return t
+
+    mem = cls.__new__(cls)
+    try:
+        mem._init_state(encoder, config, backend or doc["backend"])
+    except ConfigError as e:
+        raise FormatError(f"memory.json: {e}") from None
+    mem._pool = tensor("pool", 2)
+    if mem._pool.shape[0] != doc["pool"]["n"]:
+        raise FormatError("locality pool size differs from memory.json")
+    mem._pool_images = [str(s) for s in doc["pool"]["images"]]
+    mem._pool_image_vecs = tensor("pool_images", 2)
+    if mem._pool_image_vecs.shape[0] != len(mem._pool_images):
+        raise FormatError("locality pool images differ from memory.json")
+    mem._next_id = int(doc["next_id"])
+    mem._retired = {int(i) for i in doc["retired"]}
+    mem._edits = {}
+    for e in doc["edits"]:
+        eid = int(e["id"])
+        versions = tuple(EditVersion.from_dict(v) for v in e["versions"])
+        if not versions or [v.version for v in versions] != list(range(1, len(versions) + 1)):
+            raise FormatError(f"edit {eid}: versions must be 1..n")
+        cand, own_neg = tensor(f"e{eid}.cand", 2), tensor(f"e{eid}.own_neg", 2)
+        ki = tuple(int(i) for i in e["key_index"])
+        thr = tensor(f"e{eid}.thr", 1)
+        cur = versions[-1]
+        if (
+            not ki
+            or len(ki) != thr.shape[0]
+            or min(ki) < 0
+            or max(ki) >= cand.shape[0]
+            or len(cur.scope) != len(ki)
+            or len(e["cand_labels"]) != cand.shape[0]
+            or len(e["own_neg_labels"]) != own_neg.shape[0]
+        ):
+            raise FormatError(f"edit {eid}: keys, thresholds and labels disagree")
+        vec = EditVectors(
+            cand=cand,
+            cand_labels=tuple(e["cand_labels"]),
+            own_neg=own_neg,
+            own_neg_labels=tuple(e["own_neg_labels"]),
+            qtext=tensor(f"e{eid}.qtext", 1),
+            ivec=tensor(f"e{eid}.ivec", 1),
+        )
+        fit = ScopeFit(key_index=ki, thresholds=thr, records=tuple(cur.scope), uncovered=tuple(cur.uncovered))
+        nbrs = {int(n): float(s) for n, s in e["nbrs"]}
+        meta = e["metadata"]
+        if not isinstance(meta, dict):
+            raise FormatError(f"edit {eid}: metadata must be an object")
+        mem._edits[eid] = EditState(
+            id=eid,
+            created_at=float(e["created_at"]),
+            updated_at=float(e["updated_at"]),
+            metadata=meta,
+            versions=versions,
+            vec=vec,
+            fit=fit,
+            nbrs=nbrs,
+        )
+    for eid, st in mem._edits.items():
+        if any(n not in mem._edits or eid not in mem._edits[n].nbrs for n in st.nbrs):
+            raise FormatError(f"edit {eid}: neighbour links are not symmetric")
+        if eid in mem._retired or eid >= mem._next_id:
+            raise FormatError(f"edit {eid}: id conflicts with next_id / retired ids")
+        mem._keys[eid] = (st.keys, st.fit.thresholds)
+        mem._table.add(eid, st.vec.cand)
+    mem._blobs = {}
+    wanted = set(mem._pool_images)
+    for st in mem._edits.values():
+        for v in st.versions:
+            wanted.add(v.image)
+            wanted.update(p.image for p in v.positives)
+            wanted.update(fb.image for fb in v.feedback)
+    wanted.discard(None)
+    for sha in sorted(wanted):
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            raise FormatError(f"bad image reference {sha!r}")
+        data = _read(path / "blobs" / sha, "blobs")
+        if _sha(data) != sha:
+            raise FormatError(f"blobs/{sha}: checksum mismatch (corrupted)")
+        mem._blobs[sha] = data
+    mem._attachments = {}
+    for a in doc["attachments"]:
+        eid, ver, kind = int(a["edit"]), int(a["version"]), str(a["kind"])
+        if eid not in mem._edits or not 1 <= ver <= mem._edits[eid].current.version:
+            raise FormatError(f"attachment for unknown edit/version {eid}/{ver}")
+        name = str(a["file"])
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise FormatError(f"attachment file name {name!r} is not allowed")
+        mem._attachments[(eid, ver, kind)] = _checked(
+            path / "attachments" / name, a["sha256"], a["bytes"], f"attachments/{name}"
+        )
+    try:
+        ix = ScopedIndex.load(path / "index")
+    except ScopedIndexError as e:
+        raise FormatError(f"index: {e}") from None
+    if ix.dim != dim or sorted(int(i) for i in ix.edit_ids()) != sorted(mem._edits):
+        raise FormatError("index does not hold the same edits as memory.json")
+    for eid, st in mem._edits.items():
+        k, t = ix.keys_of(eid)
+        if (
+            k.shape != st.keys.shape
+            or not np.array_equal(t, st.fit.thresholds)
+            or not np.allclose(k, st.keys, atol=1e-6)
+        ):
+            raise FormatError(f"index keys of edit {eid} differ from memory.json")
+    if backend is not None and backend != ix.backend:
+        mem._index = ix
+        mem._rebuild_index()
+    else:
+        mem._index = ix
+    logger.info("loaded %d edits from %s", len(mem._edits), path)
+    return mem

@@ -1,0 +1,446 @@
+"""`ScopedIndex`: edits (stable int64 ids) owning unit keys, each key with its own cosine threshold.
+
+Semantics (also in ``index/README.md``):
+
+- A query ``q`` is *in scope* of a key when ``cos(q, key) >= threshold``; an edit's scope is the
+  union of its keys' scopes. Its *margin* for ``q`` is ``max over its keys of cos - threshold``,
+  so it is in scope iff its margin >= 0.
+- ``search(q, k)`` returns, per query, the ``k`` edits whose *nearest key* is nearest (each edit at
+  most once). For each, the reported key is the edit's key with the **largest margin** (over all
+  of its keys), so ``scores``/``thresholds`` belong to one key, ``scores - thresholds`` is the
+  edit's margin and ``in_scope`` means "some key of this edit covers q". Rows are sorted by
+  margin, best first (ties: higher score, then lower id); padding is id -1, score -inf,
+  threshold +inf, in_scope False.
+- ``match(q)`` returns the in-scope edit with the largest margin over the *whole* index (-1 if
+  none). It fetches candidates nearest-first and deepens until no unseen key could beat the best
+  margin found (an unseen key has cos <= the last fetched score and threshold >= the index's
+  minimum threshold), so with the flat backend it is exact. It can differ from
+  ``search(q, k).edit_ids[:, 0]`` when the best-margin edit is not among the k nearest.
+- Scores are exact cosines recomputed from the stored keys for every backend, so scope decisions
+  never depend on an approximate structure's arithmetic; only *which* candidates an approximate
+  backend finds is approximate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import backends as _bk
+from ._sync import RWLock
+from ._table import KeyTable
+from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds, as_unit_rows
+from .backends import IndexConfig, IVFStructure, Structure
+from .errors import DimensionError, DuplicateIdError, InvalidArgumentError, UnknownIdError
+
+__all__ = ["ScopedIndex", "SearchResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Per-query, per-edit results; every array is (m, k)."""
+
+    scores: np.ndarray  # float32 cosine of the edit's best-margin key (-inf padding)
+    edit_ids: np.ndarray  # int64, -1 padding
+    in_scope: np.ndarray  # bool: some key of the edit has cos >= its threshold
+    thresholds: np.ndarray  # float32 threshold of that key (+inf padding)
+
+    @property
+    def margins(self) -> np.ndarray:
+        """``scores - thresholds`` (the edit's margin; -inf on padding)."""
+        with np.errstate(invalid="ignore"):
+            return np.where(self.edit_ids >= 0, self.scores - self.thresholds, -np.inf).astype(np.float32)
+
+
+def _padded(m: int, k: int) -> SearchResult:
+    return SearchResult(
+        scores=np.full((m, k), -np.inf, dtype=np.float32),
+        edit_ids=np.full((m, k), -1, dtype=np.int64),
+        in_scope=np.zeros((m, k), dtype=bool),
+        thresholds=np.full((m, k), np.inf, dtype=np.float32),
+    )
+
+
+def _first_occurrences(edits: np.ndarray) -> np.ndarray:
+    """Mask of the first occurrence of each non-negative value in each row."""
+    order = np.argsort(edits, axis=1, kind="stable")
+    srt = np.take_along_axis(edits, order, axis=1)
+    first_sorted = np.ones_like(srt, dtype=bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    first = np.empty_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, axis=1)
+    return first & (edits >= 0)
+
+
+class ScopedIndex:
+    """Vector store of scoped edits. Thread-safe for one writer and many readers."""
+
+    _WIDE_CAP = 4096  # match scores up to this many low-threshold keys exactly rather than deepen
+
+    def __init__(self, dim: int, backend: str = "flat", config: IndexConfig | None = None) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 1:
+            raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
+        if backend not in _bk.BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {_bk.BACKENDS}, got {backend!r}")
+        if config is not None and not isinstance(config, IndexConfig):
+            raise InvalidArgumentError("config must be an IndexConfig")
+        self.dim = int(dim)
+        self.backend = backend
+        self.config = config or IndexConfig()
+        self._lock = RWLock()
+        self._table = KeyTable(self.dim)
+        self._struct: Structure = _bk.build(_bk.wanted_kind(backend, 0, None, self.config), self._table,
+                                            self.config)
+
+    # ------------------------------------------------------------------ read-only views
+    def __len__(self) -> int:
+        return self._table.n_edits
+
+    def __contains__(self, edit_id: object) -> bool:
+        try:
+            e = as_edit_id(edit_id)
+        except (TypeError, ValueError):
+            return False
+        return e in self._table
+
+    def __repr__(self) -> str:
+        return (f"ScopedIndex(dim={self.dim}, backend={self.backend!r}, structure={self.structure!r}, "
+                f"edits={len(self)}, keys={self.n_keys})")
+
+    @property
+    def n_keys(self) -> int:
+        """Number of live keys over all edits."""
+        return self._table.n_alive
+
+    @property
+    def structure(self) -> str:
+        """The FAISS structure in use now ("flat", "ivf" or "hnsw"; "ivf"/"auto" start as "flat")."""
+        return self._struct.kind
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock.read():
+            t, s = self._table, self._struct
+            return {"backend": self.backend, "dim": self.dim, "edits": t.n_edits, "keys": t.n_alive,
+                    "slots": t.n, "dead_slots": t.n_dead, "structure": s.describe(), "faiss_ntotal": s.ntotal}
+
+    def edit_ids(self) -> np.ndarray:
+        """Sorted int64 array of the edit ids present."""
+        with self._lock.read():
+            return self._table.edit_ids()
+
+    def keys_of(self, edit_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the edit's keys (n, dim) float32 (unit rows) and thresholds (n,), insertion order."""
+        e = as_edit_id(edit_id)
+        with self._lock.read():
+            t = self._table
+            if e not in t:
+                raise UnknownIdError(f"edit id {e} is not in the index")
+            slots = t.slots_of(e)
+            return t.vecs[slots].copy(), t.thr[slots].copy()
+
+    # ------------------------------------------------------------------ mutation
+    def add(self, edit_ids: Any, keys: Any, thresholds: Any) -> None:
+        """Add new edits: one row per key; rows sharing an id become that edit's keys.
+
+        An id already present raises `DuplicateIdError` (use `add_keys` for more keys).
+        ``thresholds`` may be a scalar (same for every row).
+        """
+        ids = as_edit_ids(edit_ids)
+        vecs = as_unit_rows(keys, self.dim, allow_1d=ids.shape[0] == 1)
+        if vecs.shape[0] != ids.shape[0]:
+            raise DimensionError(f"{ids.shape[0]} edit ids but {vecs.shape[0]} key rows")
+        thr = as_thresholds(thresholds, ids.shape[0])
+        if ids.shape[0] == 0:
+            return
+        with self._lock.writer_mutex:
+            present = [e for e in np.unique(ids).tolist() if e in self._table]
+            if present:
+                raise DuplicateIdError(f"edit ids already present: {present[:10]}"
+                                       + (" ..." if len(present) > 10 else ""))
+            self._append(ids, vecs, thr)
+            self._maybe_rebuild()
+
+    def add_keys(self, edit_id: int, keys: Any, thresholds: Any) -> None:
+        """Give an existing edit more keys (each with its own threshold; a scalar applies to all)."""
+        e = as_edit_id(edit_id)
+        vecs = as_unit_rows(keys, self.dim)
+        thr = as_thresholds(thresholds, vecs.shape[0])
+        with self._lock.writer_mutex:
+            self._require_present([e])
+            if vecs.shape[0] == 0:
+                return
+            self._append(np.full(vecs.shape[0], e, dtype=np.int64), vecs, thr)
+            self._maybe_rebuild()
+
+    def replace_keys(self, edit_id: int, keys: Any, thresholds: Any) -> None:
+        """Atomically swap all keys of an existing edit for new ones (readers see old or new)."""
+        e = as_edit_id(edit_id)
+        vecs = as_unit_rows(keys, self.dim)
+        thr = as_thresholds(thresholds, vecs.shape[0])
+        if vecs.shape[0] == 0:
+            raise DimensionError("replace_keys needs at least one key (use remove to drop an edit)")
+        ids = np.full(vecs.shape[0], e, dtype=np.int64)
+        with self._lock.writer_mutex:
+            self._require_present([e])
+            t, s = self._table, self._struct
+            t.reserve(vecs.shape[0])
+            with self._lock.write(), _bk.faiss_threads(self.config, vecs.shape[0]):
+                self._kill(np.array([e], dtype=np.int64))
+                s.add(vecs, np.arange(t.n, t.n + vecs.shape[0], dtype=np.int64))
+                t.append(ids, vecs, thr)
+            self._maybe_rebuild()
+
+    def remove(self, edit_ids: Any) -> None:
+        """Remove edits and every key they own. Unknown ids raise `UnknownIdError` (nothing removed)."""
+        ids = np.unique(as_edit_ids(edit_ids))
+        if ids.shape[0] == 0:
+            return
+        with self._lock.writer_mutex:
+            self._require_present(ids.tolist())
+            with self._lock.write(), _bk.faiss_threads(self.config, ids.shape[0]):
+                self._kill(ids)
+            self._maybe_rebuild()
+
+    def set_thresholds(self, edit_ids: Any, thresholds: Any) -> None:
+        """Per-edit update: every key of ``edit_ids[i]`` gets ``thresholds[i]`` (scalar broadcasts).
+
+        For different values per key use `set_key_thresholds`.
+        """
+        ids = as_edit_ids(edit_ids)
+        thr = as_thresholds(thresholds, ids.shape[0])
+        if np.unique(ids).shape[0] != ids.shape[0]:
+            raise DuplicateIdError("set_thresholds got the same edit id twice (ambiguous)")
+        if ids.shape[0] == 0:
+            return
+        with self._lock.writer_mutex:
+            t = self._table
+            self._require_present(ids.tolist())
+            parts = [t.slots_of(e) for e in ids.tolist()]
+            slots = np.concatenate(parts)
+            values = np.repeat(thr, [p.shape[0] for p in parts])
+            with self._lock.write():
+                t.set_thresholds(slots, values)
+
+    def set_key_thresholds(self, edit_id: int, thresholds: Any) -> None:
+        """Per-key update: ``thresholds`` (n_keys,) in the order `keys_of` returns the keys."""
+        e = as_edit_id(edit_id)
+        with self._lock.writer_mutex:
+            self._require_present([e])
+            t = self._table
+            slots = t.slots_of(e)
+            thr = as_thresholds(thresholds, slots.shape[0])
+            with self._lock.write():
+                t.set_thresholds(slots, thr)
+
+    def compact(self) -> None:
+        """Drop removed keys for good and rebuild the structure now (normally automatic)."""
+        with self._lock.writer_mutex:
+            self._maybe_rebuild(force=True)
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: Any, k: int = 8) -> SearchResult:
+        """Top-``k`` edits per query (see module doc for the exact semantics)."""
+        k = as_k(k)
+        q = as_unit_rows(queries, self.dim, name="queries")
+        m = q.shape[0]
+        with self._lock.read():
+            t, s = self._table, self._struct
+            if m == 0 or t.n_alive == 0:
+                return _padded(m, k)
+            chosen = np.full((m, k), -1, dtype=np.int64)
+            kk = min(s.ntotal, k * math.ceil(t.n_alive / t.n_edits) + 8)
+            rows = np.arange(m)
+            while rows.shape[0]:
+                slots, _cos, exhausted = self._retrieve(q[rows], kk, t, s)
+                edits = np.where(slots >= 0, t.edit[np.maximum(slots, 0)], -1)
+                first = _first_occurrences(edits)
+                done = exhausted | (first.sum(axis=1) >= k) | (kk >= s.ntotal)
+                if done.any():
+                    sel = first & (np.cumsum(first, axis=1) <= k)
+                    pos = np.argsort(~sel[done], axis=1, kind="stable")[:, :k]
+                    got = np.take_along_axis(edits[done], pos, axis=1)
+                    keep = np.take_along_axis(sel[done], pos, axis=1)
+                    chosen[rows[done], : got.shape[1]] = np.where(keep, got, -1)
+                rows = rows[~done]
+                kk = min(s.ntotal, kk * 4)
+            return self._describe(q, chosen, t)
+
+    def match(self, queries: Any) -> np.ndarray:
+        """(m,) int64: per query the in-scope edit with the largest margin, -1 if none."""
+        return self.match_details(queries).edit_ids[:, 0]
+
+    def match_details(self, queries: Any) -> SearchResult:
+        """Like `match` but with the winning key's score/threshold, as a k=1 `SearchResult`."""
+        q = as_unit_rows(queries, self.dim, name="queries")
+        m = q.shape[0]
+        out = _padded(m, 1)
+        with self._lock.read():
+            t, s = self._table, self._struct
+            if m == 0 or t.n_alive == 0:
+                return out
+            tmin = t.min_threshold()
+            kk = min(s.ntotal, max(8, 2 * math.ceil(t.n_alive / t.n_edits)))
+            rows = np.arange(m)
+            while rows.shape[0]:
+                slots, cos, exhausted = self._retrieve(q[rows], kk, t, s)
+                valid = slots >= 0
+                safe = np.maximum(slots, 0)
+                thr = np.where(valid, t.thr[safe], np.inf)
+                margin = np.where(valid, cos - thr, -np.inf)
+                last = cos[:, -1]
+                best = margin.max(axis=1)
+                done = exhausted | (kk >= s.ntotal) | np.where(best >= 0, best >= last - tmin, last < tmin)
+                if not done.all():
+                    # An unseen key can only be in scope (or beat a margin >= 0) if its threshold is
+                    # <= its cosine <= `last`. Few such wide-scope keys: score them all exactly and
+                    # stop, instead of deepening towards a full scan for every query.
+                    wide = t.alive_slots_with_threshold_at_most(float(last[~done].max()))
+                    if wide.shape[0] <= self._WIDE_CAP:
+                        pend, shape = ~done, (slots.shape[0], wide.shape[0])
+                        wslots = np.full(shape, -1, dtype=np.int64)
+                        wslots[pend] = wide
+                        wcos = np.full(shape, -np.inf, dtype=np.float32)
+                        wcos[pend] = q[rows[pend]] @ t.vecs[wide].T
+                        slots = np.concatenate([slots, wslots], axis=1)
+                        cos = np.concatenate([cos, wcos], axis=1)
+                        thr = np.concatenate([thr, np.broadcast_to(t.thr[wide], shape)], axis=1)
+                        margin = np.where(slots >= 0, cos - thr, -np.inf)
+                        done[:] = True
+                j = np.argmax(margin, axis=1)
+                ar = np.arange(rows.shape[0])
+                hit = done & (margin[ar, j] >= 0)
+                r = rows[hit]
+                out.edit_ids[r, 0] = t.edit[slots[ar[hit], j[hit]]]
+                out.scores[r, 0] = cos[ar[hit], j[hit]]
+                out.thresholds[r, 0] = thr[ar[hit], j[hit]]
+                out.in_scope[r, 0] = True
+                rows = rows[~done]
+                kk = min(s.ntotal, kk * 4)
+            return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to directory ``path`` atomically (see ``index/persist.py``)."""
+        from .persist import save_index
+
+        with self._lock.read():
+            save_index(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScopedIndex:
+        """Read an index saved by `save`. Raises `IndexFormatError` on anything unexpected."""
+        from .persist import load_index
+
+        return load_index(cls, path)
+
+    # ------------------------------------------------------------------ internals
+    def _require_present(self, ids: list[int]) -> None:
+        missing = [e for e in ids if e not in self._table]
+        if missing:
+            more = " ..." if len(missing) > 10 else ""
+            raise UnknownIdError(f"edit ids not in the index: {missing[:10]}{more}")
+
+    def _append(self, ids: np.ndarray, vecs: np.ndarray, thr: np.ndarray) -> None:
+        t, s = self._table, self._struct
+        t.reserve(ids.shape[0])  # may raise MemoryError: before anything changed
+        with self._lock.write(), _bk.faiss_threads(self.config, ids.shape[0]):
+            s.add(vecs, np.arange(t.n, t.n + ids.shape[0], dtype=np.int64))
+            t.append(ids, vecs, thr)
+
+    def _kill(self, ids: np.ndarray) -> None:
+        slots = self._table.kill(ids)
+        if not self._struct.keeps_dead:
+            self._struct.remove(slots)
+
+    def _maybe_rebuild(self, force: bool = False) -> None:
+        """Rebuild the structure when growth/shrink/removals call for it (writer mutex held).
+
+        Copy-on-write: the new table and structure are built while readers keep using the old
+        ones, then swapped in under the write lock.
+        """
+        t, s, cfg = self._table, self._struct, self.config
+        kind = _bk.wanted_kind(self.backend, t.n_alive, s, cfg)
+        too_dead = t.n_dead >= max(cfg.min_dead_to_compact, cfg.max_dead_fraction * t.n)
+        retrain = isinstance(s, IVFStructure) and kind == "ivf" and (
+            t.n_alive >= cfg.ivf_growth * s.trained_n
+            or (too_dead and t.n_alive * cfg.ivf_growth <= s.trained_n)
+        )
+        if not (force or too_dead or retrain or kind != s.kind):
+            return
+        t0 = time.perf_counter()
+        try:
+            new_t = t.compacted()[0] if t.n_dead else t
+            reuse = s if (isinstance(s, IVFStructure) and kind == "ivf" and not retrain) else None
+            new_s = _bk.build(kind, new_t, cfg, reuse=reuse)
+        except Exception:
+            # The mutation that triggered this is already committed and the old table/structure
+            # are still consistent; a rebuild only restores speed/memory, so retry on the next write.
+            if force:
+                raise
+            logger.warning("index rebuild (%s -> %s) failed; keeping the current structure", s.kind, kind,
+                           exc_info=True)
+            return
+        with self._lock.write():
+            self._table, self._struct = new_t, new_s
+        logger.info("index rebuilt: %s -> %s, %d keys (%d removed dropped) in %.2fs", s.kind, kind,
+                    new_t.n, t.n_dead, time.perf_counter() - t0)
+
+    def _retrieve(
+        self, q: np.ndarray, kk: int, t: KeyTable, s: Structure
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate slots per row sorted by exact cosine (desc): (slots -1 pad, cos -inf pad, exhausted)."""
+        with _bk.faiss_threads(self.config, q.shape[0]):
+            _, slots = s.search(q, kk, t.selector() if s.keeps_dead else None)
+        valid = slots >= 0
+        cand = t.vecs[np.maximum(slots, 0)]
+        cos = np.einsum("md,mkd->mk", q, cand)
+        cos = np.where(valid, cos, -np.inf).astype(np.float32)
+        order = np.argsort(-cos, axis=1, kind="stable")
+        slots = np.take_along_axis(np.where(valid, slots, -1), order, axis=1)
+        cos = np.take_along_axis(cos, order, axis=1)
+        return slots, cos, ~valid.all(axis=1)
+
+    @staticmethod
+    def _describe(q: np.ndarray, chosen: np.ndarray, t: KeyTable) -> SearchResult:
+        """Fill the (m, k) result for chosen edits using each edit's best-margin key over all its keys."""
+        m, k = chosen.shape
+        res = _padded(m, k)
+        flat = chosen.ravel()
+        pairs = np.flatnonzero(flat >= 0)
+        if pairs.shape[0] == 0:
+            return res
+        uniq, inv = np.unique(flat[pairs], return_inverse=True)
+        parts = [t.slots_of(e) for e in uniq.tolist()]
+        lens = np.array([p.shape[0] for p in parts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        all_slots = np.concatenate(parts)
+        plen = lens[inv]
+        begin = np.cumsum(plen) - plen
+        idx = np.arange(int(plen.sum())) - np.repeat(begin, plen) + np.repeat(offsets[inv], plen)
+        key_slots = all_slots[idx]
+        pair_of_key = np.repeat(np.arange(pairs.shape[0]), plen)
+        rows = pairs // k
+        cos = np.einsum("nd,nd->n", q[rows[pair_of_key]], t.vecs[key_slots]).astype(np.float32)
+        thr = t.thr[key_slots]
+        margin = cos - thr
+        order = np.lexsort((-cos, -margin, pair_of_key))
+        best = order[begin]  # groups are contiguous and in pair order after the sort
+        scores = np.full(m * k, -np.inf, dtype=np.float32)
+        thrs = np.full(m * k, np.inf, dtype=np.float32)
+        scores[pairs] = cos[best]
+        thrs[pairs] = thr[best]
+        scores, thrs = scores.reshape(m, k), thrs.reshape(m, k)
+        margins = np.where(chosen >= 0, scores - thrs, -np.inf)
+        srt = np.lexsort((np.where(chosen >= 0, chosen, np.iinfo(np.int64).max), -scores, -margins), axis=1)
+        ids = np.take_along_axis(chosen, srt, axis=1)
+        sc = np.take_along_axis(scores, srt, axis=1)
+        th = np.take_along_axis(thrs, srt, axis=1)
+        return SearchResult(scores=sc, edit_ids=ids, in_scope=(ids >= 0) & (sc >= th), thresholds=th)
