@@ -9,20 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (
-    ConfigError,
-    DuplicateEditError,
-    EncoderMismatchError,
-    EsgMemoryError,
-    FormatError,
-    ImageError,
-    InvalidInputError,
-    LockError,
-    TuningError,
-    UnknownEditError,
-    UnsupportedModelError,
-    VersionError,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F403  (the EsgMemoryError hierarchy)
 
 __version__ = "0.1.0"
 
@@ -49,22 +37,7 @@ _LAZY = {
     "load_encoder": "loading",
 }
 
-__all__ = [
-    "ConfigError",
-    "DuplicateEditError",
-    "EncoderMismatchError",
-    "EsgMemoryError",
-    "FormatError",
-    "ImageError",
-    "InvalidInputError",
-    "LockError",
-    "TuningError",
-    "UnknownEditError",
-    "UnsupportedModelError",
-    "VersionError",
-    "__version__",
-    *sorted(_LAZY),
-]
+__all__ = [*_errors.__all__, "__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

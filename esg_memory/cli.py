@@ -27,7 +27,7 @@ log = logging.getLogger("esg_memory.cli")
 #: Exit codes: 0 ok, 1 refused by the library (bad input, unknown id, ...), 2 usage, 3 unexpected failure.
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 
-BENCHMARKS = ("index", "routing", "fusion", "wrapper")
+BENCHMARKS = ("index", "routing", "fusion", "wrapper", "service", "default")
 
 
 # --------------------------------------------------------------------------- session
@@ -315,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", choices=BENCHMARKS)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     sp.set_defaults(func=cmd_bench)
+
+    from .serve_cli import add_serve_arguments, run_from_args
+
+    sp = add_serve_arguments(sub.add_parser("serve", help="HTTP service (needs the [serve] extra)"))
+    sp.set_defaults(func=lambda s, a: run_from_args(a))
 
     sp = sub.add_parser("demo", help="the product's story on the embedded default models")
     sp.add_argument("--out", default="esg-demo-out", help="where the report goes")

@@ -99,6 +99,7 @@ class _Story:
 
         self.base, self.processor = load_base_model(model_spec)
         self.encoder = load_encoder(clip_spec)
+        # default adapters: "auto" tunes a full K/V prefix here, since the tiny model's fits in a few KiB
         self.model = EditedModel.wrap(self.base, self.processor, encoder=self.encoder)
         self.pics = demo_pictures()
         self.names: dict[int, str] = {}

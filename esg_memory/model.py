@@ -128,6 +128,11 @@ class EditedModel:
         """Load the base with transformers' own ``from_pretrained`` (hub ids or local dirs) and wrap it."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        from .pretrained import is_pretrained_name, pretrained_path
+
+        if is_pretrained_name(model_id_or_path):  # a model shipped inside the package
+            model_id_or_path = pretrained_path(str(model_id_or_path))
+
         mt = AutoConfig.from_pretrained(model_id_or_path, **_hub_kwargs(hf_kwargs)).model_type
         get_family(mt)
         model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **hf_kwargs)

@@ -13,8 +13,10 @@ Names and loaders:
   the config points open_clip at). :func:`easyvqa_clip_spec` gives what
   ``open_clip.create_model_and_transforms`` needs; ``ClipKeyEncoder(spec.model_name)`` works as is.
 - ``EASYVQA_LLAVA = "esg-easyvqa-llava"``: a transformers ``LlavaForConditionalGeneration``
-  directory (config, fp16 safetensors, tokenizer, processor with a chat template).
-  :func:`load_easyvqa_llava` returns ``(model, processor)`` in float32, eval mode.
+  directory (config, fp16 safetensors, tokenizer, processor with a chat template): CLIP vision
+  128 x 3 on 64x64 patch 16 (``"full"`` strategy: 17 image tokens, CLS kept), Llama 128 x 3, 1.45 M
+  parameters. :func:`load_easyvqa_llava` returns ``(model, processor)`` in float32, eval mode; the
+  config says float32 too, so plain ``from_pretrained(pretrained_path(EASYVQA_LLAVA))`` also upcasts.
 
 Prompt format the LLaVA was trained on (the same as the LLaVA family's plain template in
 :mod:`esg_memory.families`, and what the saved chat template renders)::

@@ -14,9 +14,10 @@ library versions give the same files. Prints how long each part took.
   Losses: image<->text InfoNCE where every text true of a picture is a positive (captions such as
   "a red circle", and "question answer" facts), image<->image SupCon over (shape, colour),
   question<->question SupCon grouping paraphrases (questions with the same answer on every subject),
-  and optional linear shape/colour probes on the image embedding (``--clip-aux-weight``).
+  and linear shape/colour probes on the image embedding (``--clip-aux-weight``; dropped after).
 - LLaVA (transformers): CLIP vision 128 x 3 on 64x64 patch 16 (initialised from the CLIP above, as
-  LLaVA starts from a trained CLIP), Llama 128 x 3, trained on
+  LLaVA starts from a trained CLIP; ``vision_feature_select_strategy="full"`` keeps the CLS token,
+  where that tower pools the shape), Llama 128 x 3, trained on
   ``"USER: <image>\\n{q} ASSISTANT:" -> " {a}</s>"``; loss on the answer only. Each step encodes 16
   pictures once and asks 4 of each one's questions (64 rows).
 
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -318,6 +320,7 @@ def train_clip(args, train: Split, test: Split, clip_tok, out: Path) -> dict:
             )
     model.eval()
     train_s = time.time() - t0
+    shutil.rmtree(tmp, ignore_errors=True)
     cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = EASYVQA_CLIP
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
@@ -634,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1.5e-3)
     ap.add_argument("--clip-questions", type=int, default=64, help="questions per step for paraphrase SupCon")
-    ap.add_argument("--clip-aux-weight", type=float, default=0.0)
+    ap.add_argument("--clip-aux-weight", type=float, default=1.0)
     ap.add_argument("--supcon-temp", type=float, default=0.1)
     ap.add_argument("--llava-steps", type=int, default=1000)
     ap.add_argument("--llava-batch", type=int, default=64)

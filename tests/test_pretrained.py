@@ -250,3 +250,13 @@ def test_missing_assets_are_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(FormatError):
         P.pretrained_info(P.EASYVQA_CLIP)
 
+
+
+def test_wrapper_loads_the_shipped_models_by_path(clip_encoder):
+    """``EditedModel.from_pretrained(pretrained_path(...))`` with no edits answers exactly as recorded."""
+    from esg_memory.model import EditedModel
+
+    em = EditedModel.from_pretrained(P.pretrained_path(P.EASYVQA_LLAVA), encoder=clip_encoder)
+    rows = CASES["llava"]
+    got = em.answer(images=[_image(r["image"]) for r in rows], prompts=[r["question"] for r in rows])
+    assert got == [r["recorded"] for r in rows]

@@ -276,6 +276,11 @@ class ClipKeyEncoder(_CachedTowers):
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"bad device {device!r}: {e}") from None
         register_tiny_clip()
+        from ..pretrained import is_pretrained_name, pretrained_path
+
+        if is_pretrained_name(model_name) and pretrained is None:
+            # a model shipped inside the package (esg_memory/assets/<name>/) is a local-dir: model
+            model_name = f"local-dir:{pretrained_path(model_name)}"
 
         weights: Path | None = None
         tag_cfg: dict = {}

@@ -183,3 +183,4 @@ def create_encoder(spec: str, **kwargs: Any) -> KeyEncoder:
 
 register_encoder(TINY_CLIP_NAME, lambda **kw: ClipKeyEncoder(TINY_CLIP_NAME, **kw))
 register_encoder("minilm", MiniLMTextEncoder)
+register_encoder("esg-easyvqa-clip", lambda **kw: ClipKeyEncoder("esg-easyvqa-clip", **kw))

@@ -1,0 +1,146 @@
+"""The `esg-memory` command line, end to end on the embedded default models in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esg_memory.cli import EXIT_OK, EXIT_REFUSED, main
+
+FIX = Path(__file__).parent / "fixtures" / "easyvqa"
+
+
+def _pictures() -> list[Path]:
+    """A red circle, a blue rectangle (held-out easy-vqa pictures, see fixtures/easyvqa/README.md)."""
+    return [FIX / "test_4.png", FIX / "test_23.png"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_json(capsys, *argv: str):
+    rc, out, err = run(capsys, "--json", *argv)
+    assert rc == EXIT_OK, err
+    return json.loads(out)
+
+
+@pytest.fixture
+def mem(tmp_path) -> list[str]:
+    return ["--memory", str(tmp_path / "mem"), "--clip", "esg-easyvqa-clip"]
+
+
+def test_add_list_show_revise_rollback_history_delete(capsys, mem):
+    pics = _pictures()
+    added = run_json(
+        capsys,
+        *mem,
+        "add",
+        "--image",
+        str(pics[0]),
+        "--question",
+        "what shape is in the image?",
+        "--answer",
+        "oval",
+        "--positive",
+        "what shape does the image contain?",
+    )
+    eid = added["edit_id"]
+    assert added["version"] == 1
+    second = run_json(
+        capsys,
+        *mem,
+        "add",
+        "--image",
+        str(pics[1]),
+        "--question",
+        "what color is the shape?",
+        "--answer",
+        "cobalt",
+    )
+    assert second["edit_id"] != eid
+
+    listed = run_json(capsys, *mem, "list")
+    assert sorted(e["id"] for e in listed) == sorted([eid, second["edit_id"]])
+    shown = run_json(capsys, *mem, "show", str(eid))
+    assert shown["answer"] == "oval" and shown["question"] == "what shape is in the image?"
+
+    assert run_json(capsys, *mem, "revise", str(eid), "--answer", "ellipse")["version"] == 2
+    assert run_json(capsys, *mem, "show", str(eid))["answer"] == "ellipse"
+    assert run_json(capsys, *mem, "rollback", str(eid), "--version", "1")["version"] == 3
+    hist = run_json(capsys, *mem, "history", str(eid))
+    assert [v["answer"] for v in hist] == ["oval", "ellipse", "oval"]
+
+    routed = run_json(
+        capsys, *mem, "route", "--image", str(pics[0]), "--question", "what shape is in the image?"
+    )
+    assert routed["edit_id"] == eid and routed["margin"] >= 0
+    unrelated = run_json(capsys, *mem, "route", "--question", "who wrote hamlet?")
+    assert unrelated["edit_id"] == -1
+
+    run_json(capsys, *mem, "delete", str(eid))
+    assert [e["id"] for e in run_json(capsys, *mem, "list")] == [second["edit_id"]]
+    routed = run_json(
+        capsys, *mem, "route", "--image", str(pics[0]), "--question", "what shape is in the image?"
+    )
+    assert routed["edit_id"] == -1
+
+
+def test_table_output_is_readable(capsys, mem):
+    pics = _pictures()
+    run(
+        capsys,
+        *mem,
+        "add",
+        "--image",
+        str(pics[0]),
+        "--question",
+        "what shape is in the image?",
+        "--answer",
+        "oval",
+    )
+    rc, out, _ = run(capsys, *mem, "list")
+    assert rc == EXIT_OK
+    assert out.splitlines()[0].startswith("| id") and "oval" in out
+
+
+def test_errors_are_one_line_with_exit_code(capsys, mem, tmp_path, monkeypatch):
+    monkeypatch.delenv("ESG_MEMORY_DIR", raising=False)
+    rc, out, err = run(capsys, *mem, "show", "12345")
+    assert rc == EXIT_REFUSED and out == ""
+    assert err.startswith("esg-memory: error:") and len(err.strip().splitlines()) == 1
+    rc, _, err = run(
+        capsys, *mem, "add", "--image", str(tmp_path / "missing.png"), "--question", "q?", "--answer", "a"
+    )
+    assert rc == EXIT_REFUSED and "not found" in err and "Traceback" not in err
+    assert run_json(capsys, *mem, "list") == []  # the failed add left nothing behind
+    rc, _, err = run(capsys, "list")  # no --memory (and no ESG_MEMORY_DIR): refused, not a crash
+    assert rc == EXIT_REFUSED and "--memory" in err
+
+
+def test_generate_applies_a_tuned_edit(capsys, mem):
+    pics = _pictures()
+    q = "what shape is in the image?"
+    before = run_json(capsys, *mem, "generate", "--image", str(pics[0]), "--prompt", q)
+    assert before["edit_id"] == -1
+    added = run_json(
+        capsys, *mem, "add", "--image", str(pics[0]), "--question", q, "--answer", "oval", "--tune", "sync"
+    )
+    after = run_json(capsys, *mem, "generate", "--image", str(pics[0]), "--prompt", q)
+    assert after["edit_id"] == added["edit_id"]
+    assert after["text"] == "oval"
+    other = run_json(
+        capsys, *mem, "generate", "--image", str(pics[0]), "--prompt", "what color is the shape?"
+    )
+    assert other["edit_id"] == -1
+
+
+def test_bench_runs_a_benchmark_script(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    rc, text, _ = run(capsys, "bench", "index", "--sizes", "1000", "--backends", "flat", "--out", str(out))
+    assert rc == EXIT_OK
+    assert "flat" in text and json.loads(out.read_text())
