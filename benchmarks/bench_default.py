@@ -10,9 +10,19 @@
   normalised 64x64x3 vectors) and the random-weight ``esg-tiny-clip``.
 - **Question keys**: for each distinct question, is its nearest other question (text keys) a
   paraphrase, i.e. one with the same answer on every subject? Baseline: the random ``esg-tiny-clip``.
+- **Edit stream** (``--edits N``, one edit per subject, at most 24): reliability, generalization
+  (rephrased question; other test pictures of the same subject) and locality (same question on other
+  subjects; other questions on the edited picture; "answer unchanged vs the pre-edit model") through
+  ``EditedModel`` with tuned adapters. Ours uses the shipped train-split locality pool
+  (``easyvqa_locality_pool`` + ``easyvqa_memory_config``); side by side, on the same probes and with
+  the same adapters, the routing benchmark's baselines (``_routing_eval``): global threshold (1% and
+  0 pool leak), GRACE's radii, text-only and image-only keys, always-nearest, plus ours without a pool
+  and the bare model. Answer-level and routing-level rates for each.
 - Timing: LLaVA answers/s and encoder images/s on this machine (no cross-machine claims).
 
-Usage: python benchmarks/bench_default.py [--limit N] [--out benchmarks/results/bench_default.json]
+Usage: python benchmarks/bench_default.py [--limit N] [--edits 24] [--out results/bench_default.json]
+(a run with ``--limit`` keeps a fuller earlier LLaVA accuracy in the JSON; the limited one goes to
+``llava_limited_run``; a run without ``--edits`` keeps the earlier edit stream).
 Data: PyPI ``easy-vqa`` (MIT; the ``eval`` extra). Prints a markdown table and writes JSON.
 """
 
@@ -31,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the routing benchmark's baseline rules
 
 log = logging.getLogger("bench_default")
 
@@ -157,29 +168,49 @@ PARAPHRASES = {
 }
 
 
-def edit_stream(train, test, n_edits: int, seed: int) -> dict:
-    """Edits "for this picture, this question now has that answer" on the shipped models, one by one.
+class _FixedRouter:
+    """Memory stand-in for :class:`EditedModel`: routes the next batch as a baseline rule decided.
 
-    Each edit takes a test picture of a new subject and a colour or shape question, and asks for
-    another answer of the same kind. After all edits (memory of n_edits, tuned adapters):
-    reliability (edit input), generalization (a rephrased question; the same question on other
-    test pictures of the same shape and colour), locality (the same question on pictures of other
-    subjects; other questions about the edited picture), locality as "answer unchanged vs the
-    pre-edit model".
+    Everything but ``route`` is the real memory's (edits, stored adapters), so a baseline's answers
+    are generated with exactly the adapter of the edit its rule picked, injected the same way.
     """
-    import torch
 
-    from esg_memory.encoders import ClipKeyEncoder
-    from esg_memory.model import EditedModel
-    from esg_memory.pretrained import (
-        EASYVQA_CLIP,
-        EASYVQA_COLOURS,
-        EASYVQA_SHAPES,
-        load_easyvqa_llava,
-        pretrained_path,
-    )
+    def __init__(self, memory, edit_ids: np.ndarray):
+        self._memory, self._ids = memory, np.asarray(edit_ids, dtype=np.int64)
 
-    qs, ans, ids, images = test
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def __getattr__(self, name: str):
+        return getattr(self._memory, name)
+
+    def route(self, images=None, texts=None, *, keys=None):
+        n = len(texts) if texts is not None else len(keys)
+        if n != len(self._ids):
+            raise ValueError(f"fixed routing holds {len(self._ids)} rows, the batch has {n}")
+        return _Routed(self._ids)
+
+
+class _Routed:
+    """The part of a ``RouteResult`` that ``EditedModel`` reads when injecting."""
+
+    def __init__(self, ids: np.ndarray):
+        self.edit_ids = ids
+
+    def __len__(self) -> int:
+        return int(self.edit_ids.shape[0])
+
+
+def _plan_edits(test, n_edits: int, seed: int) -> list[dict]:
+    """One edit per subject (colour and shape questions alternating) and its probes.
+
+    Locality on other subjects uses the edit's question on a picture of another subject *that no
+    edit covers with a question of the same kind* (else that probe would be another edit's
+    generalization input, whose answer rightly changes), and never an edit's own picture.
+    """
+    from esg_memory.pretrained import EASYVQA_COLOURS, EASYVQA_SHAPES
+
+    qs, ans, ids, _ = test
     lab = _labels(test)
     by_subject: dict[int, list[int]] = defaultdict(list)
     for i in sorted(lab):
@@ -190,20 +221,62 @@ def edit_stream(train, test, n_edits: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     subjects = [k for k in sorted(by_subject) if len(by_subject[k]) >= 3]
     rng.shuffle(subjects)
+    kinds = ["what color is the shape?", "what shape is in the image?"]
+    edited = {k: kinds[e % 2] for e, k in enumerate(subjects[:n_edits])}
     plan = []
     for k in subjects[:n_edits]:
         img_id, *others = by_subject[k]
-        q = ["what color is the shape?", "what shape is in the image?"][len(plan) % 2]
+        q = edited[k]
         shape, colour = EASYVQA_SHAPES[k // len(EASYVQA_COLOURS)], EASYVQA_COLOURS[k % len(EASYVQA_COLOURS)]
         pool = EASYVQA_COLOURS if "color" in q else EASYVQA_SHAPES
         old = colour if "color" in q else shape
         new = str(rng.choice([x for x in pool if x != old]))
         other_qs = [x for x, _ in questions_of[img_id] if x not in (q, PARAPHRASES[q])][:2]
-        foreign = [by_subject[j][0] for j in subjects if j != k][:3]
+        foreign = [by_subject[j][-1] for j in subjects if j != k and edited.get(j) != q][:3]
         plan.append({"image": img_id, "q": q, "new": new, "same": others[:2], "other_q": other_qs,
                      "foreign": foreign})
+    return plan
+
+
+def edit_stream(train, test, n_edits: int, seed: int) -> dict:
+    """Edits "for this picture, this question now has that answer" on the shipped models, one by one.
+
+    Each edit takes a test picture of a new subject and a colour or shape question, and asks for
+    another answer of the same kind. After all edits (memory of n_edits, tuned adapters):
+    reliability (edit input), generalization (a rephrased question; the same question on other
+    test pictures of the same shape and colour), locality (the same question on pictures of other
+    subjects; other questions about the edited picture), locality as "answer unchanged vs the
+    pre-edit model".
+
+    Ours uses the shipped locality pool (``easyvqa_locality_pool``, train pictures) with
+    ``easyvqa_memory_config``. On the same probes, each routing baseline of the routing benchmark
+    (``_routing_eval``: global threshold calibrated on the same pool, GRACE's radii, text-only and
+    image-only keys, always-nearest) and ours without a pool (library defaults) pick an edit per
+    probe; answers are then generated with that edit's tuned adapter injected (the adapters are
+    the same for every router: they depend only on the edit). Routing-level rates come with them.
+    """
+    import torch
+    from _routing_eval import calibrate_global, grace_radii, nearest_rule
+
+    from esg_memory.encoders import ClipKeyEncoder
+    from esg_memory.memory import EditMemory
+    from esg_memory.model import EditedModel
+    from esg_memory.pretrained import (
+        EASYVQA_CLIP,
+        easyvqa_locality_pool,
+        easyvqa_memory_config,
+        load_easyvqa_llava,
+        pretrained_path,
+    )
+
+    images = test[3]
+    plan = _plan_edits(test, n_edits, seed)
     model, proc = load_easyvqa_llava()
-    em = EditedModel.wrap(model, proc, encoder=ClipKeyEncoder(f"local-dir:{pretrained_path(EASYVQA_CLIP)}"))
+    enc = ClipKeyEncoder(f"local-dir:{pretrained_path(EASYVQA_CLIP)}")
+    pool = easyvqa_locality_pool()
+    cfg = easyvqa_memory_config()
+    mem = EditMemory(enc, config=cfg, locality_pool=pool)
+    em = EditedModel.wrap(model, proc, memory=mem, encoder=enc)
     probes: list[tuple[str, int, str, int]] = []  # (kind, picture, question, edit index)
     for e, p in enumerate(plan):
         probes.append(("reliability", p["image"], p["q"], e))
@@ -211,27 +284,95 @@ def edit_stream(train, test, n_edits: int, seed: int) -> dict:
         probes += [("same_subject", i, p["q"], e) for i in p["same"]]
         probes += [("loc_other_subject", i, p["q"], e) for i in p["foreign"]]
         probes += [("loc_other_question", p["image"], q, e) for q in p["other_q"]]
+    p_img = [images[i] for _, i, _, _ in probes]
+    p_txt = [q for _, _, q, _ in probes]
 
     def ask():
-        return em.answer(images=[images[i] for _, i, _, _ in probes], prompts=[q for _, _, q, _ in probes],
-                         max_new_tokens=4)
+        return em.answer(images=p_img, prompts=p_txt, max_new_tokens=4)
 
     with torch.no_grad(), em.disable_edits():
         before = ask()
     t0 = time.perf_counter()
-    for p in plan:
-        em.add_edit(images[p["image"]], p["q"], p["new"], tune="sync")
+    ids = [em.add_edit(images[p["image"]], p["q"], p["new"], tune="sync") for p in plan]
     edit_s = (time.perf_counter() - t0) / max(1, len(plan))
-    after = ask()
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for (kind, _, _, e), b, a in zip(probes, before, after, strict=True):
-        hits[kind].append(a == plan[e]["new"] if not kind.startswith("loc") else a == b)
+
+    # routing decisions per method, as edit ids (-1: none)
+    e_img = [images[p["image"]] for p in plan]
+    e_txt = [p["q"] for p in plan]
+    answers = [p["new"] for p in plan]
+    idv = np.asarray(ids)
+    pool_img = [str(x) for x, _ in pool]
+    pool_txt = [t for _, t in pool]
+    anchors, qk = enc.encode(e_img, e_txt), enc.encode(p_img, p_txt)
+    anchors_t, qt = enc.encode_texts(e_txt), enc.encode_texts(p_txt)
+    anchors_i, qi = enc.encode_images(e_img), enc.encode_images(p_img)
+    pool_k = enc.encode(pool_img, pool_txt)
+    tau = calibrate_global(anchors, pool_k, cfg.margin, budget=0.01)
+    tau0 = calibrate_global(anchors, pool_k, cfg.margin)
+    tau_t = calibrate_global(anchors_t, enc.encode_texts(pool_txt), cfg.margin, budget=0.01)
+    tau_i = calibrate_global(anchors_i, enc.encode_images(pool_img), cfg.margin, budget=0.01)
+
+    def as_ids(j: np.ndarray) -> np.ndarray:
+        return np.where(j >= 0, idv[np.maximum(j, 0)], -1)
+
+    bare = EditMemory(enc)  # library defaults: no locality pool (generic texts only)
+    bare_ids = [
+        bare.add(image=im, question=q, answer=a) for im, q, a in zip(e_img, e_txt, answers, strict=True)
+    ]
+    to_ours = dict(zip(bare_ids, ids, strict=True))
+    routes = {
+        "ours (shipped pool)": np.asarray(mem.route(images=p_img, texts=p_txt).edit_ids),
+        "ours, no pool (library defaults)": np.asarray(
+            [to_ours.get(int(x), -1) for x in bare.route(images=p_img, texts=p_txt).edit_ids]
+        ),
+        "global threshold (1% pool leak)": as_ids(nearest_rule(anchors, qk, tau)),
+        "global threshold (0 pool leak)": as_ids(nearest_rule(anchors, qk, tau0)),
+        "GRACE radii": as_ids(nearest_rule(anchors, qk, grace_radii(anchors, answers, 1.0 - tau))),
+        "text-only key": as_ids(nearest_rule(anchors_t, qt, tau_t)),
+        "image-only key": as_ids(nearest_rule(anchors_i, qi, tau_i)),
+        "always nearest": as_ids(nearest_rule(anchors, qk, None)),
+    }
+    owner = np.asarray([ids[e] for _, _, _, e in probes])
+    kinds = np.asarray([k for k, _, _, _ in probes])
+    methods: dict = {
+        "bare model (no edits)": {
+            "rates": _answer_rates(probes, plan, before, before),
+            "routing": None,
+        }
+    }
+    for name, r in routes.items():
+        if name.startswith("ours (shipped"):
+            after = ask()
+        else:
+            real, em.memory = em.memory, _FixedRouter(mem, r)
+            try:
+                after = ask()
+            finally:
+                em.memory = real
+        routing = {}
+        for k in dict.fromkeys(kinds.tolist()):
+            m = kinds == k
+            # generalization: the right edit fires; locality: its owner (resp. any edit) fires
+            routing[k] = float((r[m] == owner[m]).mean())
+            if k.startswith("loc"):
+                routing[k + "_any"] = float((r[m] >= 0).mean())
+        methods[name] = {"rates": _answer_rates(probes, plan, before, after), "routing": routing}
     return {
         "n_edits": len(plan),
         "seconds_per_edit": edit_s,
-        "rates": {k: float(np.mean(v)) for k, v in hits.items()},
-        "n_probes": {k: len(v) for k, v in hits.items()},
+        "memory_config": {"n_pool_images": cfg.n_pool_images, "pool_size": len(pool)},
+        "thresholds": {"global_1pct": tau, "global_0": tau0, "text_only": tau_t, "image_only": tau_i},
+        "rates": methods["ours (shipped pool)"]["rates"],
+        "n_probes": {k: int((kinds == k).sum()) for k in dict.fromkeys(kinds.tolist())},
+        "methods": methods,
     }
+
+
+def _answer_rates(probes, plan, before: list[str], after: list[str]) -> dict[str, float]:
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for (kind, _, _, e), b, a in zip(probes, before, after, strict=True):
+        hits[kind].append(a == plan[e]["new"] if not kind.startswith("loc") else a == b)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
 def pixel_embed(images) -> np.ndarray:
@@ -281,11 +422,61 @@ def main(argv: list[str] | None = None) -> int:
     res["llava"] = llava_accuracy(test, train, args.limit, args.batch)
     if args.edits:
         res["edit_stream"] = edit_stream(train, test, args.edits, seed=0)
+    res = merge_previous(args.out, res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2), encoding="utf-8")
     print(render(res))
     print(f"\nJSON: {args.out}")
     return 0
+
+
+def merge_previous(path: Path, res: dict) -> dict:
+    """Keep what a fuller earlier run measured: a limited LLaVA run never replaces a larger one, and a
+    run without ``--edits`` keeps the previous edit stream (each section says its own sizes)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return res
+    if not isinstance(old, dict):
+        return res
+    prev = old.get("llava")
+    if isinstance(prev, dict) and prev.get("n_questions", 0) > res["llava"]["n_questions"]:
+        res["llava_limited_run"] = res["llava"]
+        res["llava"] = prev
+    if "edit_stream" not in res and "edit_stream" in old:
+        res["edit_stream"] = old["edit_stream"]
+    return res
+
+
+def render_edit_stream(es: dict) -> str:
+    """Ours vs the routing baselines on the same probes: answer-level, then routing-level rates."""
+    kinds = list(es["n_probes"])
+    head = " | ".join(f"{k} ({es['n_probes'][k]})" for k in kinds)
+    lines = [
+        f"Edit stream, {es['n_edits']} edits (easy-vqa test pictures); answer level: generalization = edited "
+        "answer given, locality (loc_*) = answer unchanged vs the pre-edit model",
+        "",
+        f"| method | {head} |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for name, m in es.get("methods", {"ours": {"rates": es["rates"]}}).items():
+        cells = " | ".join(f"{m['rates'][k]:.3f}" for k in kinds)
+        lines.append(f"| {name} | {cells} |")
+    routed = {n: m["routing"] for n, m in es.get("methods", {}).items() if m.get("routing")}
+    if routed:
+        cols = [(k, k if not k.startswith("loc") else k + "_any") for k in kinds]
+        lines += [
+            "",
+            "Routing level: generalization = the right edit fires; locality = any edit fires (lower: better)",
+            "",
+            "| method | " + " | ".join(c for _, c in cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for name, r in routed.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for _, c in cols) + " |")
+    lines.append("")
+    lines.append(f"Seconds per edit (tuned adapter, CPU): {es['seconds_per_edit']:.1f}")
+    return "\n".join(lines)
 
 
 def render(res: dict) -> str:
@@ -318,12 +509,7 @@ def render(res: dict) -> str:
         + f"{ips['esg-easyvqa-clip']:.0f} | esg-tiny-clip {ips['esg-tiny-clip (random)']:.0f} |"
     )
     if "edit_stream" in res:
-        es = res["edit_stream"]
-        for k, v in es["rates"].items():
-            what = "answer unchanged vs pre-edit" if k.startswith("loc") else "edited answer given"
-            n = es["n_probes"][k]
-            lines.append(f"| edit stream ({es['n_edits']} edits) {k}: {what} ({n}) | {v:.3f} | |")
-        lines.append(f"| edit stream seconds per edit (tuned) | {es['seconds_per_edit']:.1f} | |")
+        lines += ["", render_edit_stream(res["edit_stream"])]
     return "\n".join(lines)
 
 

@@ -4,17 +4,23 @@ Why the design is what it is — exact deletion:
 
 * An edit's encoded data (`EditVectors`: anchor + positives = its *candidates*, its own hard
   negatives) depends only on the edit's own content and the config.
-* Two edits are *neighbours* when some candidate of one is at least ``config.neighbour_radius``
-  similar to some candidate of the other. The link is computed on one fixed-shape block per pair
-  (lower id first), so its value never depends on which other edits exist.
-* An edit's fit is a function of its own data, the locality pool, and its neighbours' data (their
-  candidates as negatives when answers differ; the top ``neighbour_k`` neighbours' questions and
-  images crossed with its own as hard negatives). Inputs farther than the radius cannot move a
-  threshold, which sits at or above ``min_threshold``.
+* An edit's *link* to another is the largest cosine between a candidate of one and a candidate of
+  the other, computed on one fixed-shape block per pair (lower id first), so its value never
+  depends on which other edits exist. An edit's *neighbour set* is the ``config.max_neighbours``
+  edits of highest link at or above ``config.neighbour_radius`` (ties broken by id; 0 = no cap):
+  a function of the current set of edits, and bounded, so a dense region (an encoder whose keys
+  are all alike) costs the same per write as a sparse one. The relation is directed: ``a`` can
+  constrain ``c`` without ``c`` constraining ``a``.
+* An edit's fit is a function of its own data, the locality pool, and its neighbour set's data
+  (their candidates as negatives when answers differ; the top ``neighbour_k`` neighbours'
+  questions and images crossed with its own as hard negatives). Inputs farther than the radius
+  cannot move a threshold, which sits at or above ``min_threshold``.
 
 Hence every scope is a function of the current *set* of edits, not of the order they arrived in;
-adding, revising or deleting an edit changes exactly its neighbours' fits, and re-fitting those
-(and only those) reproduces the memory that never saw a deleted edit, bit for bit.
+adding or re-encoding an edit changes the fit of itself, of the edits whose set held it, and of
+the edits whose set it enters (reverse nearest neighbours); deleting one changes the fits of the
+edits whose set held it, whose sets are recomputed from the rest. Re-fitting those (and only
+those) reproduces the memory that never saw a deleted edit, bit for bit.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ class EditState:
     versions: tuple[EditVersion, ...]
     vec: EditVectors
     fit: ScopeFit | None
-    nbrs: dict[int, float] = field(default_factory=dict)  # neighbour id -> link cosine
+    nbrs: dict[int, float] = field(default_factory=dict)  # neighbour set: id -> link cosine
 
     @property
     def current(self) -> EditVersion:
@@ -87,24 +93,29 @@ class Plan:
         base: dict[int, EditState],
         pool: np.ndarray,
         config: MemoryConfig,
-        pair_cache: dict[tuple[int, int], np.ndarray],
         cross: CrossEncoder,
         cross_cache: dict[tuple[int, int], tuple[np.ndarray, list[str]]],
         blobs: dict[str, bytes],
+        table: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.blobs = blobs  # images added by this plan, not yet in the memory's blob store
         self.base = base
         self.over: dict[int, EditState | None] = {}
         self.pool = pool
         self.config = config
-        self.pair_cache = pair_cache  # shared: pure function of two edits' vectors, keyed by identity
+        # Within one plan only: a block is a pure function of two edits' vectors, and keeping them
+        # across writes would grow with every pair ever compared (quadratic in dense regions).
         self.new_pairs: dict[tuple[int, int], np.ndarray] = {}
         self.cross = cross
         self.cross_cache = cross_cache
         self.new_cross: dict[tuple[int, int], tuple[np.ndarray, list[str]]] = {}
         self.changed_vec: set[int] = set()
+        self.table = table  # committed candidate vectors (pre-filter only)
         self.fresh = NeighbourTable(pool.shape[1])  # candidates re-encoded by this plan
         self.refit_log: list[int] = []
+        # Bound on the float32 pre-filter's error against the exact float64 cosine of unit rows
+        # (recursive summation: d * 2^-24, doubled), so pruning by it never drops a true member.
+        self.slack = 1e-6 + pool.shape[1] * 2.0**-23
 
     # -- view -----------------------------------------------------------------------------------
     def get(self, eid: int) -> EditState | None:
@@ -125,79 +136,157 @@ class Plan:
         """Cosines cand(a) x cand(b), computed as one block in (lower id, higher id) orientation."""
         lo, hi = (a, b) if a.id < b.id else (b, a)
         key = (lo.id, hi.id)
-        fresh = lo.id in self.changed_vec or hi.id in self.changed_vec
         block = self.new_pairs.get(key)
-        if block is None and not fresh:
-            block = self.pair_cache.get(key)
         if block is None:
             block = pairwise_sims(lo.vec.cand, hi.vec.cand)
             self.new_pairs[key] = block
         return block if a.id == lo.id else block.T
 
     def link(self, a: EditState, b: EditState) -> float:
-        return float(self._pair_block(a, b).max())
+        """Exact link cosine: the same fixed-shape block whatever else exists (not cached)."""
+        lo, hi = (a, b) if a.id < b.id else (b, a)
+        block = self.new_pairs.get((lo.id, hi.id))
+        if block is None:
+            block = pairwise_sims(lo.vec.cand, hi.vec.cand)
+        return float(block.max())
 
-    def find_neighbours(
-        self, state: EditState, table: tuple[np.ndarray, np.ndarray] | None
-    ) -> dict[int, float]:
-        """All present edits linked to ``state`` (exact), using ``table`` only as a pre-filter."""
+    def _coarse(self, state: EditState) -> tuple[np.ndarray, np.ndarray]:
+        """Present edits (ids, float32 link estimate) whose estimate could reach the radius.
+
+        Float32 pre-filter over the committed table (vectors this plan did not change) and over
+        the vectors this plan re-encoded; estimates are within ``self.slack`` of the exact link.
+        """
+        lim = self.config.neighbour_radius - self.slack
+        skip = np.asarray(
+            sorted(self.changed_vec | {i for i, s in self.over.items() if s is None} | {state.id}),
+            dtype=np.int64,
+        )
+        owners: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        parts = [(*self.fresh.view(), False)]
+        if self.table is not None:
+            parts.insert(0, (*self.table, True))
+        for mat, owner, from_base in parts:
+            if not mat.shape[0]:
+                continue
+            row = (state.vec.cand @ mat.T).max(axis=0)
+            keep = (row >= lim) & (owner >= 0)
+            o = owner[keep]
+            keep2 = ~np.isin(o, skip) if from_base else o != state.id
+            owners.append(o[keep2])
+            values.append(row[keep][keep2])
+        if not owners:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        o = np.concatenate(owners)
+        v = np.concatenate(values).astype(np.float64)
+        ids, inv = np.unique(o, return_inverse=True)
+        best = np.full(ids.shape[0], -np.inf)
+        np.maximum.at(best, inv, v)
+        return ids, best
+
+    def _top(self, exact: dict[int, float]) -> dict[int, float]:
+        cap = self.config.max_neighbours
+        ranked = sorted(exact.items(), key=lambda kv: (-kv[1], kv[0]))
+        return dict(ranked[:cap] if cap else ranked)
+
+    def find_neighbours(self, state: EditState, coarse=None) -> dict[int, float]:
+        """``state``'s neighbour set: the ``max_neighbours`` edits of highest link >= the radius.
+
+        Ties are broken by id, so the set is a function of the present edits, whatever their
+        arrival order. Exact links are computed only for edits the pre-filter cannot rule out.
+        """
         radius = self.config.neighbour_radius
-        others = [i for i in self.ids() if i != state.id]
-        if table is not None and others:
-            # Float32 pre-filters over the committed table (vectors unchanged by this plan) and over
-            # the vectors this plan re-encoded; the slack keeps every edit the exact per-pair block
-            # would link.
-            near: set[int] = set()
-            for mat, owner, from_base in (*table, True), (*self.fresh.view(), False):
-                if mat.shape[0]:
-                    coarse = (state.vec.cand @ mat.T).max(axis=0)
-                    hit = set(owner[coarse >= radius - 1e-3].tolist())
-                    near |= {i for i in hit if (i not in self.changed_vec) == from_base}
-            others = [i for i in others if i in near]
-        out: dict[int, float] = {}
-        for i in others:
+        ids, est = self._coarse(state) if coarse is None else coarse
+        cap = self.config.max_neighbours
+        lim = radius - self.slack
+        if cap and ids.shape[0] > cap:
+            # The cap-th estimate bounds the cap-th exact link from below (within slack).
+            lim = max(lim, float(np.partition(est, -cap)[-cap]) - 2 * self.slack)
+        exact: dict[int, float] = {}
+        for i in ids[est >= lim].tolist():
             other = self.get(i)
             assert other is not None
             s = self.link(state, other)
             if s >= radius:
-                out[i] = s
-        return out
+                exact[i] = s
+        return self._top(exact)
 
     # -- structural changes ---------------------------------------------------------------------
+    def _holders(self, eid: int) -> list[int]:
+        """Edits whose neighbour set contains ``eid``."""
+        out = []
+        for i in self.ids():
+            st = self.get(i)
+            if i != eid and st is not None and eid in st.nbrs:
+                out.append(i)
+        return out
+
+    def _reset_nbrs(self, ids: list[int]) -> None:
+        for i in ids:
+            st = self.get(i)
+            assert st is not None
+            self.put(replace(st, nbrs=self.find_neighbours(st)))
+
     def set_vectors(self, state: EditState, table: tuple[np.ndarray, np.ndarray] | None) -> set[int]:
-        """Install ``state`` (new or re-encoded) and return every edit whose fit must be redone."""
-        old = self.get(state.id)
-        old_nbrs = dict(old.nbrs) if old is not None else {}
+        """Install ``state`` (new or re-encoded) and return every edit whose fit must be redone.
+
+        Those are: the edit itself, every edit whose neighbour set held its old vectors (their
+        sets are recomputed), and every edit whose set it now enters (reverse nearest neighbours).
+        """
+        if table is not None:
+            self.table = table
+        holders = [] if self.get(state.id) is None else self._holders(state.id)
         self.changed_vec.add(state.id)
         self.fresh.remove(state.id)
         self.fresh.add(state.id, state.vec.cand)
         self.put(replace(state, nbrs={}))
-        new_nbrs = self.find_neighbours(self.get(state.id), table)
-        self.put(replace(self.get(state.id), nbrs=new_nbrs))
-        for nid in set(old_nbrs) | set(new_nbrs):
-            other = self.get(nid)
-            if other is None:
-                continue
-            nb = dict(other.nbrs)
-            if nid in new_nbrs:
-                nb[state.id] = new_nbrs[nid]
-            else:
-                nb.pop(state.id, None)
-            self.put(replace(other, nbrs=nb))
-        return {state.id} | set(old_nbrs) | set(new_nbrs)
+        st = self.get(state.id)
+        assert st is not None
+        coarse = self._coarse(st)
+        self.put(replace(st, nbrs=self.find_neighbours(st, coarse)))
+        self._reset_nbrs(holders)
+        entered = self._enter(state.id, coarse, set(holders))
+        return {state.id, *holders, *entered}
 
-    def remove(self, eid: int) -> set[int]:
-        old = self.get(eid)
-        assert old is not None
-        for nid in old.nbrs:
-            other = self.get(nid)
-            if other is None:
+    def _enter(self, eid: int, coarse: tuple[np.ndarray, np.ndarray], done: set[int]) -> list[int]:
+        """Insert ``eid`` into the neighbour set of every other edit that now ranks it in."""
+        radius, cap = self.config.neighbour_radius, self.config.max_neighbours
+        me = self.get(eid)
+        assert me is not None
+        out = []
+        ids, est = coarse
+        for i, e in zip(ids.tolist(), est.tolist(), strict=True):
+            if i in done:
                 continue
-            nb = dict(other.nbrs)
-            nb.pop(eid, None)
-            self.put(replace(other, nbrs=nb))
+            st = self.get(i)
+            assert st is not None
+            full = bool(cap) and len(st.nbrs) >= cap
+            worst = (0, 0.0)
+            if full:
+                if e < min(st.nbrs.values()) - self.slack:  # cheap rejection: most edits in a dense memory
+                    continue
+                worst = max(st.nbrs.items(), key=lambda kv: (-kv[1], kv[0]))
+            s = self.link(me, st)
+            if s < radius or (full and (-s, eid) > (-worst[1], worst[0])):
+                continue
+            nb = dict(st.nbrs)
+            nb[eid] = s
+            if full:
+                del nb[worst[0]]
+            self.put(replace(st, nbrs=nb))
+            out.append(i)
+        return out
+
+    def remove(self, eid: int, table: tuple[np.ndarray, np.ndarray] | None = None) -> set[int]:
+        """Drop ``eid``; the edits that held it get their sets recomputed from the rest (exact)."""
+        if table is not None:
+            self.table = table
+        assert self.get(eid) is not None
+        holders = self._holders(eid)
         self.over[eid] = None
-        return set(old.nbrs)
+        self.fresh.remove(eid)
+        self._reset_nbrs(holders)
+        return set(holders)
 
     # -- fitting --------------------------------------------------------------------------------
     def _cross(self, a: EditState, b: EditState) -> tuple[np.ndarray, list[str]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EsgMemoryError, InvalidInputError
-from .loading import DEFAULT_ENCODER, DEFAULT_MODEL
+from .loading import DEFAULT_ENCODER, DEFAULT_MODEL, new_memory
 
 __all__ = ["build_parser", "main"]
 
@@ -68,7 +68,7 @@ class _Session:
             elif d.is_dir() and any(d.iterdir()):
                 self._memory = EditMemory.load(d, encoder=self.encoder)
             else:
-                self._memory = EditMemory(self.encoder)
+                self._memory = new_memory(self.encoder, self.args.clip)
         return self._memory
 
     @property

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .loading import DEFAULT_ENCODER, DEFAULT_MODEL, load_base_model, load_encoder
+from .loading import DEFAULT_ENCODER, DEFAULT_MODEL, load_base_model, load_encoder, new_memory
 
 __all__ = ["DemoReport", "DemoStep", "demo_pictures", "run_demo"]
 
@@ -100,7 +100,8 @@ class _Story:
         self.base, self.processor = load_base_model(model_spec)
         self.encoder = load_encoder(clip_spec)
         # default adapters: "auto" tunes a full K/V prefix here, since the tiny model's fits in a few KiB
-        self.model = EditedModel.wrap(self.base, self.processor, encoder=self.encoder)
+        memory = new_memory(self.encoder, clip_spec)
+        self.model = EditedModel.wrap(self.base, self.processor, memory=memory, encoder=self.encoder)
         self.pics = demo_pictures()
         self.names: dict[int, str] = {}
 

@@ -25,6 +25,7 @@ __all__ = [
     "list_model_specs",
     "load_base_model",
     "load_encoder",
+    "new_memory",
     "register_model_spec",
 ]
 
@@ -97,3 +98,16 @@ def load_encoder(spec: str | None = None) -> Any:
     from .encoders import create_encoder
 
     return create_encoder(spec or DEFAULT_ENCODER)
+
+
+def new_memory(encoder: Any, encoder_spec: str | None = None) -> Any:
+    """An empty `EditMemory` for ``encoder``, with the shipped easy-vqa locality pool and its
+    recommended config when the encoder is the shipped easy-vqa CLIP (its domain is known, so
+    "same question, other picture" negatives can be given); the library defaults otherwise."""
+    from .memory import EditMemory
+
+    if (encoder_spec or DEFAULT_ENCODER) == "esg-easyvqa-clip":
+        from .pretrained import easyvqa_locality_pool, easyvqa_memory_config
+
+        return EditMemory(encoder, config=easyvqa_memory_config(), locality_pool=easyvqa_locality_pool())
+    return EditMemory(encoder)

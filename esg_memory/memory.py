@@ -58,7 +58,6 @@ __all__ = ["MAX_TEXT_CHARS", "EditMemory"]
 logger = logging.getLogger("esg_memory.memory")
 
 
-
 class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
     """Edits keyed by image+question, each with a learned scope; see the module docstring.
 
@@ -97,7 +96,6 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
         self._attachments: dict[tuple[int, int, str], bytes] = {}
         self._retired: set[int] = set()
         self._next_id = 0
-        self._pairs: dict[tuple[int, int], np.ndarray] = {}
         self._crosses: dict[tuple[int, int], tuple[np.ndarray, list[str]]] = {}
         self._table = NeighbourTable(int(encoder.dim))
         self._keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -116,10 +114,10 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
             self._edits,
             self._pool,
             self.config,
-            self._pairs,
             self._encode_cross,
             self._crosses,
             {} if blobs is None else blobs,
+            self._table.view(),
         )
 
     def set_commit_hook(self, hook: Callable[[dict[str, Any], Mapping[str, bytes]], None] | None) -> None:
@@ -174,16 +172,26 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
                         self._table.remove(eid)
                         self._table.add(eid, new.vec.cand)
             gone = plan.changed_vec | {e for e, s in plan.over.items() if s is None}
-            for cache in (self._pairs, self._crosses):
-                for k in [k for k in cache if k[0] in gone or k[1] in gone]:
-                    del cache[k]
-            self._pairs.update(plan.new_pairs)
+            for k in [k for k in self._crosses if k[0] in gone or k[1] in gone]:
+                del self._crosses[k]
             self._crosses.update(plan.new_cross)
+            touched = set(plan.over)
+            for k in [k for k in self._crosses if k[0] in touched or k[1] in touched]:
+                # Keep a cross pair only while one side still crosses the other (bounded cache).
+                if not (self._crossed(*k) or self._crossed(k[1], k[0])):
+                    del self._crosses[k]
             self._blobs.update(blobs)
             if after is not None:
                 after()
         if plan.refit_log:
             logger.info("re-fitted edits %s", sorted(set(plan.refit_log)))
+
+    def _crossed(self, a: int, b: int) -> bool:
+        st = self._edits.get(a)
+        if st is None or b not in st.nbrs:
+            return False
+        ranked = sorted(st.nbrs.items(), key=lambda kv: (-kv[1], kv[0]))[: self.config.neighbour_k]
+        return any(n == b for n, _ in ranked)
 
     def _rebuild_index(self) -> None:
         ix = ScopedIndex(int(self.encoder.dim), backend=self._backend)

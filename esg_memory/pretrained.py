@@ -42,6 +42,7 @@ __all__ = [
     "EASYVQA_CLIP",
     "EASYVQA_COLOURS",
     "EASYVQA_LLAVA",
+    "EASYVQA_POOL",
     "EASYVQA_SHAPES",
     "PRETRAINED_NAMES",
     "PROMPT_TEMPLATE",
@@ -49,6 +50,8 @@ __all__ = [
     "caption",
     "derive_subjects",
     "easyvqa_clip_spec",
+    "easyvqa_locality_pool",
+    "easyvqa_memory_config",
     "format_prompt",
     "is_pretrained_name",
     "list_pretrained",
@@ -62,6 +65,9 @@ logger = logging.getLogger(__name__)
 EASYVQA_CLIP = "esg-easyvqa-clip"
 EASYVQA_LLAVA = "esg-easyvqa-llava"
 PRETRAINED_NAMES: tuple[str, ...] = (EASYVQA_CLIP, EASYVQA_LLAVA)
+#: The shipped locality pool of the easy-vqa domain (train-split pictures; not a model, so not in
+#: ``PRETRAINED_NAMES``).
+EASYVQA_POOL = "esg-easyvqa-pool"
 
 #: The prompt the shipped LLaVA was trained on; the answer follows as ``" {answer}</s>"``.
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -73,6 +79,10 @@ EASYVQA_COLOURS: tuple[str, ...] = ("black", "blue", "brown", "gray", "green", "
 _ASSETS = Path(__file__).resolve().parent / "assets"
 _INFO_FILE = "esg_pretrained.json"
 _INFO_FORMAT = 1
+_POOL_FILE = "pool.json"
+_POOL_FORMAT = 1
+#: Enough "same question, other image" hard negatives to cross every shipped pool picture.
+_POOL_HARD_IMAGES = 48
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -233,3 +243,60 @@ def _narrow(cands: set[str], words: Iterable[str], present: bool) -> None:
             cands.intersection_update({w})
         else:
             cands.discard(w)
+
+
+def easyvqa_locality_pool() -> list[tuple[Path, str]]:
+    """The shipped easy-vqa locality pool: ``[(picture path, generic question), ...]``.
+
+    Two *train-split* pictures per (shape, colour) subject (48), each paired with one of six generic
+    questions easy-vqa never asks. Pass it as ``EditMemory(encoder, config=easyvqa_memory_config(),
+    locality_pool=easyvqa_locality_pool())``: the pairs are inputs no edit may answer, and the pictures
+    crossed with each edit's own question are its "same question, other image" hard negatives (pictures
+    of the edit's own subject are skipped by ``hard_negative_max_image_sim``). Without such a pool an
+    edit's scope only learns from neighbouring edits where other subjects lie, and fires on them.
+    """
+    d = _ASSETS / EASYVQA_POOL
+    f = d / _POOL_FILE
+    if not f.is_file():
+        raise ConfigError(f"the shipped locality pool is missing: {str(f)!r} (a partial install?)")
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{str(f)!r} is not readable JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != _POOL_FORMAT:
+        raise FormatError(f"{str(f)!r}: expected format_version {_POOL_FORMAT}")
+    out: list[tuple[Path, str]] = []
+    try:
+        for row in doc["pictures"]:
+            name, question = row["file"], row["question"]
+            if not isinstance(name, str) or not isinstance(question, str) or Path(name).name != name:
+                raise TypeError(f"bad row {row!r}")
+            picture = d / name
+            if not picture.is_file():
+                raise ConfigError(f"the shipped locality pool is missing {str(picture)!r}")
+            out.append((picture, question))
+    except (KeyError, TypeError) as e:
+        raise FormatError(f"{str(f)!r} is not a valid pool description ({e})") from None
+    if not out:
+        raise FormatError(f"{str(f)!r} lists no pictures")
+    return out
+
+
+def easyvqa_memory_config(**overrides: Any) -> Any:
+    """The recommended :class:`~esg_memory.types.MemoryConfig` for the easy-vqa default domain.
+
+    The library default crosses only 4 pool pictures with each edit's question; here every shipped
+    pool picture (48: both pictures of all 24 subjects) is used, so each edit sees the same question
+    on every other subject as a negative, and a pool picture counts as "the edit's own subject" (not a
+    negative) from image cosine 0.85. ``overrides`` are further ``MemoryConfig`` fields.
+    """
+    from .types import MemoryConfig
+
+    # Same-subject pictures mostly have image cosine >= 0.85 under the shipped CLIP, pictures of the
+    # same colour and another shape mostly below: 0.85 (vs the library's 0.9) keeps more of the pool's
+    # own-subject pictures out of the negatives. Chosen on train-split edit streams, not the test split.
+    fields = {"n_pool_images": _POOL_HARD_IMAGES, "hard_negative_max_image_sim": 0.85, **overrides}
+    try:
+        return MemoryConfig(**fields)
+    except TypeError as e:
+        raise ConfigError(f"not a MemoryConfig field: {e}") from None

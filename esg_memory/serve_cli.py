@@ -114,13 +114,14 @@ def _check_memory_dir(memory_dir: Path) -> bool:
 
 
 def _open_model(model_spec: str, clip_spec: str, memory_dir: Path) -> Any:
-    from .loading import load_base_model, load_encoder
+    from .loading import load_base_model, load_encoder, new_memory
     from .model import EditedModel
 
     saved = _check_memory_dir(memory_dir)
     encoder = load_encoder(clip_spec)
     base, processor = load_base_model(model_spec)
-    return EditedModel.wrap(base, processor, memory=memory_dir if saved else None, encoder=encoder)
+    memory = memory_dir if saved else new_memory(encoder, clip_spec)
+    return EditedModel.wrap(base, processor, memory=memory, encoder=encoder)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

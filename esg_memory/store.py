@@ -35,7 +35,7 @@ from index.errors import ScopedIndexError
 from ._memory_state import EditState, EditVectors
 from ._memory_util import check_encoder
 from .errors import ConfigError, EncoderMismatchError, FormatError
-from .scope import ScopeFit
+from .scope import ScopeFit, pairwise_sims
 from .types import EditVersion, MemoryConfig
 
 if TYPE_CHECKING:
@@ -278,8 +278,13 @@ def _build(cls: type[EditMemory], path: Path, doc: dict[str, Any], encoder: Any,
             nbrs=nbrs,
         )
     for eid, st in mem._edits.items():
-        if any(n not in mem._edits or eid not in mem._edits[n].nbrs for n in st.nbrs):
-            raise FormatError(f"edit {eid}: neighbour links are not symmetric")
+        cap = mem.config.max_neighbours
+        if any(n not in mem._edits or n == eid for n in st.nbrs) or (cap and len(st.nbrs) > cap):
+            raise FormatError(f"edit {eid}: neighbour links name unknown edits or exceed max_neighbours")
+        for n, s in st.nbrs.items():
+            lo, hi = (st, mem._edits[n]) if eid < n else (mem._edits[n], st)
+            if float(pairwise_sims(lo.vec.cand, hi.vec.cand).max()) != s:
+                raise FormatError(f"edit {eid}: stored link to edit {n} does not match its keys")
         if eid in mem._retired or eid >= mem._next_id:
             raise FormatError(f"edit {eid}: id conflicts with next_id / retired ids")
         mem._keys[eid] = (st.keys, st.fit.thresholds)

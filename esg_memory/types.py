@@ -108,6 +108,14 @@ class MemoryConfig:
             "as hard negatives."
         },
     )
+    max_neighbours: int = field(
+        default=16,
+        metadata={
+            "help": "Most neighbour edits that constrain one edit's scope: the nearest ones (by link "
+            "cosine, ties by id) within the neighbour radius; 0 = all of them. Bounds what one add or "
+            "delete re-fits when many edits look alike; saved memories from before this field load as 0."
+        },
+    )
     route_k: int = field(default=8, metadata={"help": "Candidate edits examined per routed input."})
     separate_same_answer: bool = field(
         default=False,
@@ -157,6 +165,7 @@ class MemoryConfig:
             "n_pool_images",
             "locality_pool_size",
             "neighbour_k",
+            "max_neighbours",
             "seed",
         ):
             count(name, 0)
@@ -169,6 +178,9 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
+        if isinstance(data, dict) and "max_neighbours" not in data:
+            # Written before the cap existed: every edit within the radius was a neighbour.
+            data = {**data, "max_neighbours": 0}
         try:
             return _from_dict(cls, data, "config")
         except ConfigError as e:

@@ -118,7 +118,8 @@ def _edit_json(path: Path, fn) -> None:
         "no-json",
         "attachment",
         "bad-edit",
-        "asymmetric",
+        "unknown-neighbour",
+        "wrong-link",
         "missing-tensor",
     ],
 )
@@ -152,8 +153,11 @@ def test_load_refuses_damaged_directories(saved, damage):
         next((path / "attachments").iterdir()).write_bytes(b"tampered")
     elif damage == "bad-edit":
         _edit_json(path, lambda d: d["edits"][0].update(key_index=[0, 99]))
-    elif damage == "asymmetric":
-        _edit_json(path, lambda d: d["edits"][0].update(nbrs=[]))
+    elif damage == "unknown-neighbour":
+        _edit_json(path, lambda d: d["edits"][0].update(nbrs=[[12345, 0.9]]))
+    elif damage == "wrong-link":
+        nudged = lambda d: [[n, s - 0.01] for n, s in d["edits"][0]["nbrs"]]  # noqa: E731
+        _edit_json(path, lambda d: d["edits"][0].update(nbrs=nudged(d)))
     elif damage == "missing-tensor":
         _edit_json(path, lambda d: d["edits"][0].update(id=77))
     with pytest.raises(FormatError):

@@ -260,3 +260,85 @@ def test_wrapper_loads_the_shipped_models_by_path(clip_encoder):
     rows = CASES["llava"]
     got = em.answer(images=[_image(r["image"]) for r in rows], prompts=[r["question"] for r in rows])
     assert got == [r["recorded"] for r in rows]
+
+
+# ---------------------------------------------------------------------------------- locality pool
+POOL_DIR = Path(P.__file__).resolve().parent / "assets" / P.EASYVQA_POOL
+
+
+def test_locality_pool_loads_two_train_pictures_per_subject():
+    pool = P.easyvqa_locality_pool()
+    doc = json.loads((POOL_DIR / "pool.json").read_text(encoding="utf-8"))
+    assert len(pool) == len(doc["pictures"]) == 2 * len(P.EASYVQA_SHAPES) * len(P.EASYVQA_COLOURS)
+    assert len({p for p, _ in pool}) == len(pool)
+    per_subject: dict[tuple[str, str], int] = {}
+    for (path, question), row in zip(pool, doc["pictures"], strict=True):
+        assert path.parent == POOL_DIR and path.name == f"train_{row['train_id']}.png"  # train split only
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (64, 64)
+        assert question in doc["questions"]
+        per_subject[(row["shape"], row["colour"])] = per_subject.get((row["shape"], row["colour"]), 0) + 1
+    assert set(per_subject.values()) == {2} and len(per_subject) == 24
+    # the pool's generic questions are not the questions edits are made on
+    assert not {q for _, q in pool} & {"what color is the shape?", "what shape is in the image?"}
+
+
+def test_memory_config_crosses_every_pool_picture():
+    cfg = P.easyvqa_memory_config()
+    assert cfg.n_pool_images >= len(P.easyvqa_locality_pool())
+    assert P.easyvqa_memory_config(margin=0.03).margin == 0.03
+    with pytest.raises(ConfigError):
+        P.easyvqa_memory_config(no_such_field=1)
+    with pytest.raises(ConfigError):
+        P.easyvqa_memory_config(n_pool_images=-1)
+
+
+def test_missing_or_bad_pool_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(P, "_ASSETS", tmp_path)
+    with pytest.raises(ConfigError, match="missing"):
+        P.easyvqa_locality_pool()
+    d = tmp_path / P.EASYVQA_POOL
+    d.mkdir()
+    (d / "pool.json").write_text(json.dumps({"format_version": 99, "pictures": []}), encoding="utf-8")
+    with pytest.raises(FormatError, match="format_version"):
+        P.easyvqa_locality_pool()
+    row = {"file": "../escape.png", "question": "q?"}
+    (d / "pool.json").write_text(json.dumps({"format_version": 1, "pictures": [row]}), encoding="utf-8")
+    with pytest.raises(FormatError):
+        P.easyvqa_locality_pool()
+    row = {"file": "gone.png", "question": "q?"}
+    (d / "pool.json").write_text(json.dumps({"format_version": 1, "pictures": [row]}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="missing"):
+        P.easyvqa_locality_pool()
+
+
+def test_with_the_pool_an_edit_stays_off_other_subjects(clip_encoder):
+    """Route level, no tuning: a red-circle edit covers its own input, a rephrasing and the other red
+    circles, not the same question on blue rectangles, green triangles or teal circles; a blue-rectangle
+    edit stays off red rectangles, which the library default (no pool) lets in: the pool's "same
+    question, other image" negatives are what keep it off."""
+    from esg_memory.memory import EditMemory
+
+    def subject(shape, colour):
+        return [FIX / r["image"] for r in CASES["encoder"] if (r["shape"], r["colour"]) == (shape, colour)]
+
+    def memory():
+        pool = P.easyvqa_locality_pool()
+        return EditMemory(clip_encoder, config=P.easyvqa_memory_config(), locality_pool=pool)
+
+    q = "what color is the shape?"
+    red_circle, blue_rect = subject("circle", "red"), subject("rectangle", "blue")
+    others = blue_rect + subject("triangle", "green") + subject("circle", "teal")
+    mem = memory()
+    eid = mem.add(image=red_circle[0], question=q, answer="green")
+    own = mem.route(images=[red_circle[0]] * 2, texts=[q, "what is the color of the shape?"])
+    assert list(own.edit_ids) == [eid, eid]
+    assert list(mem.route(images=red_circle[1:], texts=[q] * 2).edit_ids) == [eid, eid]
+    assert (mem.route(images=others, texts=[q] * len(others)).edit_ids == -1).all()
+
+    red_rect = subject("rectangle", "red")
+    mem, default = memory(), EditMemory(clip_encoder)
+    eid, did = (m.add(image=blue_rect[0], question=q, answer="green") for m in (mem, default))
+    assert list(mem.route(images=blue_rect[1:], texts=[q] * 2).edit_ids) == [eid, eid]
+    assert (mem.route(images=red_rect, texts=[q] * 3).edit_ids == -1).all()
+    assert (default.route(images=red_rect, texts=[q] * 3).edit_ids == did).any()
