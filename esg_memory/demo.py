@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .errors import ConfigError
 from .loading import DEFAULT_ENCODER, DEFAULT_MODEL, load_base_model, load_encoder, new_memory
 
 __all__ = ["DemoReport", "DemoStep", "demo_pictures", "run_demo"]
@@ -71,7 +72,12 @@ class DemoReport:
 
 def demo_pictures() -> dict[str, list[Image.Image]]:
     """Held-out easy-vqa pictures grouped by subject (``"red circle"`` -> PIL images), plus photos."""
-    import easy_vqa
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ConfigError(
+            "the demo's pictures come from PyPI easy-vqa: pip install 'esg-memory[eval]'"
+        ) from None
 
     from .pretrained import derive_subjects
 
@@ -162,6 +168,11 @@ def _steps(s: _Story) -> list[DemoStep]:
             "1. Add three edits (compiled at once, then tuned)",
             ["edit", "id", "question", "new answer", "add+tune", "keys", "thresholds"],
             rows,
+            [
+                (f"{name}'s adapter tuned to an exact match", bool(getattr(report, "exact", False)))
+                for e, name in s.names.items()
+                for report in [s.model.tune_reports.get(e)]
+            ],
         )
     )
 
