@@ -111,14 +111,18 @@ def pretrained_path(name: str) -> Path:
 
 def pretrained_info(name: str) -> dict[str, Any]:
     """The training record saved next to a shipped model (figures, seed, data, prompt template)."""
-    f = pretrained_path(name) / _INFO_FILE
+    return _read_versioned_json(pretrained_path(name) / _INFO_FILE, _INFO_FORMAT)
+
+
+def _read_versioned_json(f: Path, version: int) -> dict[str, Any]:
+    """A shipped JSON record, refused unless it is an object of exactly this format version."""
     try:
-        info = json.loads(f.read_text(encoding="utf-8"))
+        doc = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise FormatError(f"{str(f)!r} is not readable JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format_version") != _INFO_FORMAT:
-        raise FormatError(f"{str(f)!r}: expected format_version {_INFO_FORMAT}")
-    return info
+    if not isinstance(doc, dict) or doc.get("format_version") != version:
+        raise FormatError(f"{str(f)!r}: expected format_version {version}")
+    return doc
 
 
 def format_prompt(question: str) -> str:
@@ -259,12 +263,7 @@ def easyvqa_locality_pool() -> list[tuple[Path, str]]:
     f = d / _POOL_FILE
     if not f.is_file():
         raise ConfigError(f"the shipped locality pool is missing: {str(f)!r} (a partial install?)")
-    try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{str(f)!r} is not readable JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format_version") != _POOL_FORMAT:
-        raise FormatError(f"{str(f)!r}: expected format_version {_POOL_FORMAT}")
+    doc = _read_versioned_json(f, _POOL_FORMAT)
     out: list[tuple[Path, str]] = []
     try:
         for row in doc["pictures"]:
