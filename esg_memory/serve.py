@@ -242,12 +242,16 @@ def create_app(
             if lock is not None:
                 lock.release()
 
+    mount_docs = _offline_docs_mounter()
     app = FastAPI(
         title="esg-memory",
         summary="Scoped, instantly editable memory of corrections for a frozen multimodal LLM.",
         version=_version(),
         lifespan=lifespan,
+        docs_url=None if mount_docs is not None else "/docs",
     )
+    if mount_docs is not None:
+        mount_docs(app)
     app.state.service = service
     app.state.metrics = metrics
     app.add_middleware(_Limits, limit=max_upload_bytes, metrics=metrics, token=token)
@@ -287,6 +291,37 @@ def create_app(
 
     register_routes(app, service, token=token, root=root, protect_reads=protect_reads)
     return app
+
+
+def _offline_docs_mounter() -> Any:
+    """Serve Swagger UI's files from the ``swagger-ui-bundle`` wheel: FastAPI's default ``/docs`` page
+    loads them from a CDN, so it is blank on the offline machines this service often runs on."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    assets = Path(swagger_ui_bundle.swagger_ui_path)
+    if not (assets / "swagger-ui-bundle.js").is_file():
+        return None
+
+    def mount(app: Any) -> None:
+        from fastapi.openapi.docs import get_swagger_ui_html
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> Any:
+            return get_swagger_ui_html(
+                openapi_url=app.openapi_url,
+                title=f"{app.title} - API docs",
+                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                swagger_css_url="/docs-assets/swagger-ui.css",
+                swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            )
+
+    return mount
+
 
 
 def _version() -> str:
