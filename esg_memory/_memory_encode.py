@@ -44,7 +44,7 @@ class EncodingMixin:
             return check_keys(pool, None, int(self.encoder.dim), "locality_pool")[:n], []
         items: list[tuple[Any, str | None]] = []
         src = DEFAULT_LOCALITY_TEXTS if pool is None else pool
-        if isinstance(src, (str, bytes)) or not isinstance(src, Iterable):
+        if isinstance(src, (str, bytes, Mapping)) or not isinstance(src, Iterable):
             raise InvalidInputError(
                 "locality_pool must be a sequence of texts / (image, text) pairs, or keys"
             )

@@ -14,9 +14,36 @@ from .errors import DuplicateEditError, ImageError, InvalidInputError, UnknownEd
 from .images import LoadedImage, load_image
 from .types import Positive
 
-__all__ = ["MAX_ID", "InputsMixin"]
+__all__ = ["MAX_ID", "MAX_METADATA_CHARS", "InputsMixin", "route_rows"]
 
 MAX_ID = 2**63 - 2
+#: Largest edit metadata accepted, as JSON text: it is stored in memory.json and every journal record.
+MAX_METADATA_CHARS = 1 << 20
+
+
+def _rows(x: Any, what: str) -> list:
+    if isinstance(x, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(x, Iterable):
+        raise InvalidInputError(f"{what} must be a list with one entry per row, not {type(x).__name__}")
+    return list(x)
+
+
+def route_rows(images: Any, texts: Any) -> tuple[list[Any], list[str | None]]:
+    """Checked (images, texts) rows for `EditMemory.route`; every row has an image, a text or both."""
+    if images is None and texts is None:
+        raise InvalidInputError("route needs images, texts or keys")
+    ims = None if images is None else _rows(images, "images")
+    txs = None if texts is None else _rows(texts, "texts")
+    n = len(txs) if txs is not None else len(ims)  # type: ignore[arg-type]
+    ims = [None] * n if ims is None else ims
+    txs = [None] * n if txs is None else txs
+    if len(ims) != len(txs):
+        raise InvalidInputError(f"{len(ims)} images but {len(txs)} texts")
+    for j, (im, t) in enumerate(zip(ims, txs, strict=True)):
+        if t is not None:
+            check_text(t, f"texts[{j}]")
+        if t is None and im is None:
+            raise InvalidInputError(f"row {j} has neither image nor text")
+    return [None if im is None else normalize_image_arg(im) for im in ims], txs
 
 
 class InputsMixin:
@@ -33,7 +60,7 @@ class InputsMixin:
     def _positives(self, positives: Any, blobs: dict[str, bytes]) -> list[Positive]:
         if positives is None:
             return []
-        if isinstance(positives, (str, bytes)) or not isinstance(positives, Iterable):
+        if isinstance(positives, (str, bytes, Mapping)) or not isinstance(positives, Iterable):
             raise InvalidInputError("positives must be a list of texts or (image, text|None) pairs")
         out = []
         for j, p in enumerate(positives):
@@ -92,6 +119,16 @@ class InputsMixin:
         if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
             raise InvalidInputError("metadata must be a dict with string keys")
         try:
-            return json.loads(json.dumps(dict(metadata), allow_nan=False))
+            text = json.dumps(dict(metadata), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"metadata must be JSON-serialisable: {e}") from None
+        except RecursionError:
+            raise InvalidInputError("metadata is nested too deeply") from None
+        if len(text) > MAX_METADATA_CHARS:
+            raise InvalidInputError(
+                f"metadata is {len(text)} characters as JSON; the limit is {MAX_METADATA_CHARS}"
+            )
+        try:
+            return json.loads(text)
+        except RecursionError:  # dumps can go deeper than loads
+            raise InvalidInputError("metadata is nested too deeply") from None

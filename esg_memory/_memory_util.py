@@ -25,6 +25,7 @@ from .errors import (
     InvalidInputError,
     UnknownEditError,
 )
+from .images import MAX_IMAGE_PIXELS
 from .types import EditVersion
 
 __all__ = [
@@ -51,15 +52,24 @@ def check_text(x: Any, what: str) -> str:
         raise InvalidInputError(f"{what} is {len(x)} characters; the limit is {MAX_TEXT_CHARS}")
     if "\x00" in x:
         raise InvalidInputError(f"{what} contains a NUL character")
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: every encoder and file format would choke later
+        raise InvalidInputError(f"{what} is not valid Unicode (lone surrogate)") from None
     return x
 
 
 def check_keys(x: Any, n: int | None, dim: int, what: str) -> np.ndarray:
     """A (n, dim) float32 array of unit rows, or a typed error."""
     try:
-        a = np.asarray(x, dtype=np.float32)
+        raw = np.asarray(x)
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"{what}: not a numeric array ({e})") from None
+    # strings would be parsed and complex parts silently dropped by a float cast; refuse both
+    if raw.dtype.kind not in "biuf":
+        raise InvalidInputError(f"{what}: must be real numbers, got dtype {raw.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = raw.astype(np.float32)
     if a.ndim == 1 and n is None and a.shape[0] == dim:
         a = a[None, :]
     if a.ndim != 2 or a.shape[1] != dim or (n is not None and a.shape[0] != n):
@@ -85,7 +95,13 @@ def check_encoder(encoder: Any) -> None:
 
 
 def normalize_image_arg(image: Any) -> Any:
-    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+    if isinstance(image, Image.Image):
+        # Encoders may take PIL images as they are (no load_image): apply its size limits here.
+        n = image.width * image.height
+        if not 0 < n <= MAX_IMAGE_PIXELS:
+            raise ImageError(f"PIL image of {image.width}x{image.height} pixels (limit {MAX_IMAGE_PIXELS})")
+        return image
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         return image
     raise ImageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
 

@@ -16,6 +16,7 @@ __all__ = [
     "ImageError",
     "InvalidInputError",
     "LockError",
+    "ModelMismatchError",
     "TuningError",
     "UnknownEditError",
     "UnsupportedModelError",
@@ -52,6 +53,10 @@ class VersionError(EsgMemoryError, ValueError):
 
 class EncoderMismatchError(EsgMemoryError, ValueError):
     """Saved keys were made by another encoder (name, dim) or for another model than the one in use."""
+
+
+class ModelMismatchError(EncoderMismatchError):
+    """A saved edited-model directory was made for another base model (architecture or weights)."""
 
 
 class FormatError(EsgMemoryError, ValueError):

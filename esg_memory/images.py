@@ -18,6 +18,7 @@ from PIL import Image
 from .errors import ImageError
 
 __all__ = [
+    "IMAGE_FORMATS",
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "ImageLike",
@@ -32,6 +33,9 @@ ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 #: Refuse encoded image files larger than this many bytes.
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+#: Raster formats pillow may decode. Others are refused: some plugins hand the bytes to external
+#: programs (EPS runs Ghostscript), and none is needed for photos. (JPEG also opens MPO files.)
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 
 @dataclass(frozen=True)
@@ -51,19 +55,20 @@ def _decode(data: bytes, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise ImageError(
                     f"{what}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit"
                 )
             img.load()
+            rgb = img.convert("RGB")
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{what}: refused as a decompression bomb ({e})") from None
     except Exception as e:  # pillow raises many types for bad bytes; all mean the same to a caller
         raise ImageError(f"{what}: not a decodable image ({type(e).__name__}: {e})") from None
-    return img.convert("RGB")
+    return rgb
 
 
 def image_from_bytes(data: bytes, what: str = "image") -> LoadedImage:
@@ -73,10 +78,16 @@ def image_from_bytes(data: bytes, what: str = "image") -> LoadedImage:
 
 
 def _resolve(path: Path, allowed_root: str | os.PathLike | None) -> Path:
+    if "\x00" in str(path):
+        # the OS cannot name such a file; pathlib would raise a bare ValueError
+        raise ImageError(f"image path {str(path)!r} contains a NUL character")
     if allowed_root is None:
         return path
-    root = Path(allowed_root).resolve()
-    full = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    try:
+        root = Path(allowed_root).resolve()
+        full = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, bad root
+        raise ImageError(f"image path {str(path)!r} cannot be resolved ({e})") from None
     if full != root and root not in full.parents:
         raise ImageError(f"image path {str(path)!r} resolves outside the allowed root {str(root)!r}")
     return full
@@ -89,6 +100,11 @@ def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) 
     ``allowed_root`` a path must resolve (symlinks and ``..`` followed) inside that root.
     """
     if isinstance(image, Image.Image):
+        # Checked before converting: an RGB copy of a huge image would be allocated first.
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ImageError(
+                f"PIL image: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit"
+            )
         buf = io.BytesIO()
         try:
             image.convert("RGB").save(buf, format="PNG")
@@ -98,7 +114,11 @@ def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) 
     if isinstance(image, (bytes, bytearray, memoryview)):
         return image_from_bytes(bytes(image), "image bytes")
     if isinstance(image, (str, os.PathLike)):
-        path = _resolve(Path(image), allowed_root)
+        try:
+            path = Path(image)
+        except TypeError as e:  # an os.PathLike whose __fspath__ returns neither str nor bytes
+            raise ImageError(f"not a usable image path ({e})") from None
+        path = _resolve(path, allowed_root)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -109,5 +129,9 @@ def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) 
             raise ImageError(f"not a regular file: {str(path)!r}")
         if size > MAX_IMAGE_BYTES:
             raise ImageError(f"{str(path)!r}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
-        return image_from_bytes(path.read_bytes(), repr(str(path)))
+        try:
+            data = path.read_bytes()
+        except OSError as e:  # permissions, or the file vanished after stat
+            raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
+        return image_from_bytes(data, repr(str(path)))
     raise ImageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")

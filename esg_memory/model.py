@@ -28,17 +28,26 @@ import torch
 
 from index._fs import atomic_write_bytes
 
+from ._memory_util import check_text, normalize_image_arg
+from ._model_identity import MEMORY_DIR as _MEMORY_DIR
+from ._model_identity import META_FILE as _META_FILE
+from ._model_identity import MODEL_FORMAT_VERSION, weights_probe
+from ._model_identity import check_model as _check_model
+from ._model_identity import read_meta as _read_meta
 from .adapters import Adapter, AdapterConfig, AdapterRuntime, TuneReport, tuning_examples
-from .errors import ConfigError, EncoderMismatchError, FormatError, InvalidInputError, UnknownEditError
+from .errors import (
+    ConfigError,
+    EncoderMismatchError,
+    FormatError,
+    InvalidInputError,
+    UnknownEditError,
+)
 from .families import Family, PrefixKV, get_family
 
 __all__ = ["EditedModel", "EditedModelConfig", "Retrieval"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FORMAT_VERSION = 1
-_META_FILE = "edited_model.json"
-_MEMORY_DIR = "memory"
 ADAPTER_KIND = "adapter"
 TuneMode = Literal["never", "sync", "background"]
 _OWN = frozenset({"base_model", "family", "memory", "runtime", "processor", "edit_config", "tune_reports"})
@@ -109,6 +118,7 @@ class EditedModel:
         get_family(model)  # unsupported models fail before any memory is opened
         meta = None
         if isinstance(memory, (str, Path)):
+            _check_model(Path(memory), model)  # before any lock is taken or key loaded
             memory, meta = _open_memory(Path(memory), encoder)
         elif memory is None:
             if encoder is None:
@@ -133,8 +143,10 @@ class EditedModel:
         if is_pretrained_name(model_id_or_path):  # a model shipped inside the package
             model_id_or_path = pretrained_path(str(model_id_or_path))
 
-        mt = AutoConfig.from_pretrained(model_id_or_path, **_hub_kwargs(hf_kwargs)).model_type
-        get_family(mt)
+        hf_config = AutoConfig.from_pretrained(model_id_or_path, **_hub_kwargs(hf_kwargs))
+        get_family(hf_config.model_type)
+        if isinstance(memory, (str, Path)):
+            _check_model(Path(memory), hf_config)  # the architecture, before any weights are loaded
         model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **hf_kwargs)
         model.eval()
         if processor is None:
@@ -152,6 +164,11 @@ class EditedModel:
         """Processor outputs for (image, prompt) rows, left-padded, on the model's device and dtype."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidInputError(f"prompts must be a string or a list, not {type(prompts).__name__}")
+        for j, p in enumerate(prompts):
+            if isinstance(p, str) and not p.isascii():
+                check_text(p, f"prompts[{j}]")  # lone surrogates would reach the tokenizer as a TypeError
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         pil = None if images is None else [None if im is None else _pil(im) for im in images]
@@ -319,6 +336,8 @@ class EditedModel:
             if prompts is None and images is None:
                 raise InvalidInputError("retrieve() needs images=, prompts= or keys=")
             texts = [prompts] if isinstance(prompts, str) else prompts
+            if texts is not None and not isinstance(texts, (list, tuple)):
+                raise InvalidInputError(f"prompts must be a string or a list, not {type(texts).__name__}")
             imgs = [images] if images is not None and not isinstance(images, (list, tuple)) else images
             n = len(texts) if texts is not None else len(imgs)
             res = self._route(n, imgs, texts, None)
@@ -352,10 +371,11 @@ class EditedModel:
             raise InvalidInputError(f"tune must be 'never', 'sync' or 'background', not {tune!r}")
         if not isinstance(question, str) or not isinstance(answer, str) or not answer.strip():
             raise InvalidInputError("question and answer must be non-empty strings")
+        check_text(question, "question"), check_text(answer, "answer")  # before the tokenizer sees them
         self.runtime.statement_ids(question, answer)  # validate before anything is written
-        eid = int(
-            self.memory.add(image=image, question=question, answer=answer, positives=list(positives or []),
-                            metadata=dict(metadata or {}), edit_id=edit_id))
+        eid = int(  # positives and metadata are validated by the memory (None means none)
+            self.memory.add(image=image, question=question, answer=answer, positives=positives,
+                            metadata=metadata, edit_id=edit_id))
         try:
             self.adapter(eid)
         except Exception:
@@ -452,6 +472,7 @@ class EditedModel:
             "format_version": MODEL_FORMAT_VERSION,
             "model_type": self.family.model_type,
             "model": self.runtime.fingerprint,
+            "weights_probe": weights_probe(self.base_model),
             "name_or_path": str(getattr(self.base_model, "name_or_path", "")),
             "config": asdict(self.edit_config),
         }
@@ -466,16 +487,8 @@ class EditedModel:
 def _open_memory(path: Path, encoder: Any) -> tuple[Any, dict | None]:
     from .memory import EditMemory
 
-    meta = None
-    if (path / _META_FILE).is_file():
-        try:
-            meta = json.loads((path / _META_FILE).read_text())
-        except ValueError as exc:
-            raise FormatError(f"{path / _META_FILE}: {exc}") from exc
-        if meta.get("format") != "esg-memory-edited-model":
-            raise FormatError(f"{path / _META_FILE} is not an esg-memory wrapper file")
-        if int(meta.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-            raise FormatError(f"{path} was written by a newer esg-memory")
+    meta = _read_meta(path)
+    if meta is not None:
         path = path / _MEMORY_DIR
     if not path.exists():
         if encoder is None:
@@ -486,9 +499,12 @@ def _open_memory(path: Path, encoder: Any) -> tuple[Any, dict | None]:
 
 def _config_from_meta(meta: dict) -> EditedModelConfig:
     try:
-        return EditedModelConfig(**meta.get("config", {}))
-    except (TypeError, ConfigError) as exc:
-        raise FormatError(f"saved wrapper config is invalid: {exc}") from exc
+        cfg = EditedModelConfig(**meta.get("config", {}))
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise FormatError(f"saved wrapper config is invalid: {exc}") from None
+    if not isinstance(cfg.adapters, AdapterConfig):
+        raise FormatError("saved wrapper config is invalid: 'adapters' must be an object")
+    return cfg
 
 
 def _check_encoder(memory: Any, encoder: Any) -> None:
@@ -512,5 +528,5 @@ def _pil(image: Any) -> Any:
     from .images import load_image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return normalize_image_arg(image).convert("RGB")  # size limits, as load_image applies them
     return load_image(image).image

@@ -69,10 +69,16 @@ def save_index(ix: ScopedIndex, path: str | os.PathLike) -> None:
         "files": {name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
                   for name, b in blobs.items()},
     }
+    meta["checksum"] = _meta_checksum(meta)
     with atomic_directory(path) as tmp:
         for name, data in blobs.items():
             (tmp / name).write_bytes(data)
         (tmp / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _meta_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta``'s canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fail(path: Path, why: str) -> IndexFormatError:
@@ -87,8 +93,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise _fail(path, "no index.json (not a ScopedIndex directory)")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"index.json is unreadable: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _fail(path, f"index.json is unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, f"index.json is not a {FORMAT} file (foreign directory?)")
     version = meta.get("format_version")
@@ -97,6 +103,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise _fail(path, f"format_version {version} is newer than this library supports ({FORMAT_VERSION}); "
                           "upgrade esg-memory")
+    if "checksum" in meta and meta.pop("checksum") != _meta_checksum(meta):
+        # the data files are checksummed in index.json; this catches damage to index.json itself
+        raise _fail(path, "index.json checksum mismatch (corrupt or modified)")
     return meta
 
 

@@ -207,6 +207,10 @@ def _check_text(t: Any, i: int) -> str:
         raise InvalidInputError(f"texts[{i}] must be a string or None, got {type(t).__name__}")
     if not t.strip():
         raise InvalidInputError(f"texts[{i}] is empty; pass None for a row without text")
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates cannot be hashed for the cache or tokenized
+        raise InvalidInputError(f"texts[{i}] is not valid Unicode (lone surrogate)") from None
     return t
 
 

@@ -1,0 +1,106 @@
+"""Which base model an edited-model directory was saved for, and refusing to load it for another.
+
+`EditedModel.save` writes ``edited_model.json`` next to the memory: the model type, the architecture
+fingerprint adapters are stamped with (`ModelSpec.fingerprint`) and a small sample of the input
+embeddings. The fingerprint alone cannot tell two checkpoints of one architecture apart (a tuned
+adapter learned on one is wrong on the other), hence the sample; it is compared with a tolerance so
+the same weights loaded in float16 or bfloat16 still match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FormatError, ModelMismatchError
+from .families import get_family
+
+__all__ = ["MEMORY_DIR", "META_FILE", "MODEL_FORMAT_VERSION", "check_model", "read_meta", "weights_probe"]
+
+MODEL_FORMAT_VERSION = 1
+META_FILE = "edited_model.json"
+MEMORY_DIR = "memory"
+
+
+def read_meta(path: Path) -> dict | None:
+    """The directory's edited_model.json, checked; None for a plain memory directory (or a new one)."""
+    f = path / META_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"{f}: not a readable JSON file ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "esg-memory-edited-model":
+        raise FormatError(f"{f} is not an esg-memory wrapper file")
+    fv = meta.get("format_version")
+    if isinstance(fv, bool) or not isinstance(fv, int) or fv < 1:
+        raise FormatError(f"{f} has no valid format_version ({fv!r})")
+    if fv > MODEL_FORMAT_VERSION:
+        raise FormatError(f"{path} was written by a newer esg-memory (format {fv} > {MODEL_FORMAT_VERSION})")
+    for key in ("model_type", "model"):
+        if not isinstance(meta.get(key), str):
+            raise FormatError(f"{f}: {key!r} must be a string")
+    probe = meta.get("weights_probe")
+    if probe is not None and (
+        not isinstance(probe, list)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in probe)
+    ):
+        raise FormatError(f"{f}: 'weights_probe' must be a list of numbers")
+    if not isinstance(meta.get("config", {}), dict):
+        raise FormatError(f"{f}: 'config' must be an object")
+    return meta
+
+
+_PROBE_N = 16
+
+
+def weights_probe(model: Any) -> list[float] | None:
+    """A few input-embedding values at fixed positions: tells two checkpoints of one architecture apart.
+
+    Compared with a tolerance (`_check_model`), so the same weights loaded in another dtype match;
+    None when the weights cannot be read here (e.g. offloaded to the meta device).
+    """
+    try:
+        w = model.get_input_embeddings().weight
+        if w.device.type == "meta" or w.dim() != 2:
+            return None
+        rows, cols = w.shape
+        g = torch.Generator().manual_seed(0)
+        r = torch.randint(0, rows, (_PROBE_N,), generator=g)
+        c = torch.randint(0, cols, (_PROBE_N,), generator=g)
+        with torch.no_grad():
+            return [float(v) for v in w[r.to(w.device), c.to(w.device)].float().cpu()]
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+        return None
+
+
+def check_model(path: Path, model: Any) -> None:
+    """Refuse a wrapper directory saved for another base model, saying what differs.
+
+    ``model`` may also be a transformers config (checks the architecture only, before loading weights).
+    """
+    meta = read_meta(path)
+    if meta is None:
+        return  # a plain memory: adapters carry their own fingerprint and are recompiled when foreign
+    family = get_family(getattr(model, "config", model).model_type)
+    diffs = []
+    if meta["model_type"] != family.model_type:
+        diffs.append(f"model type {meta['model_type']!r} (saved) vs {family.model_type!r} (given)")
+    mine = family.spec(model).fingerprint()
+    if meta["model"] != mine:
+        diffs.append(f"architecture {meta['model']!r} (saved) vs {mine!r} (given)")
+    saved, now = meta.get("weights_probe"), weights_probe(model)
+    if not diffs and saved is not None and now is not None:
+        a, b = torch.tensor(saved, dtype=torch.float64), torch.tensor(now, dtype=torch.float64)
+        # rtol covers fp16/bf16 rounding of the same checkpoint; another checkpoint differs by ~100%
+        if a.shape != b.shape or not torch.allclose(b, a, rtol=2e-2, atol=1e-5):
+            diffs.append("weights: same architecture but another checkpoint (input-embedding sample differs)")
+    if diffs:
+        raise ModelMismatchError(
+            f"{path} was saved for another model: {'; '.join(diffs)}. To reuse its edits with this model "
+            f"anyway, pass memory=EditMemory.load({str(path / MEMORY_DIR)!r}) (adapters are recompiled)"
+        )

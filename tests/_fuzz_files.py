@@ -1,0 +1,263 @@
+"""Damaged memory and index directories for the loader part of the fuzz suite (see `_fuzz_fixtures`)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esg_memory.errors import EsgMemoryError
+from esg_memory.memory import EditMemory
+from index import ScopedIndex
+from index.errors import ScopedIndexError
+from tests._fuzz_fixtures import DIM, BadCase, index_state, memory_state
+from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image
+
+__all__ = ["IdenticalLoad", "corrupted_memory_dirs", "flip_bytes", "loader_cases"]
+
+
+class IdenticalLoad(Exception):
+    """A damaged copy loaded into exactly the pristine state: the flipped bit carried no data.
+
+    Counts as a pass for random bit flips (nothing wrong was loaded); never raised by the library.
+    """
+
+
+def flip_bytes(path: Path, rng: random.Random, n: int = 1) -> None:
+    data = bytearray(path.read_bytes())
+    for _ in range(n):
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+
+
+def _edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
+    doc = json.loads(path.read_text())
+    new = fn(doc)
+    path.write_text(json.dumps(doc if new is None else new))
+
+
+def _files(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file())
+
+
+def corrupted_memory_dirs(
+    src: Path, work: Path, seed: int = 0, n_flips: int = 24
+) -> Iterator[tuple[str, Path]]:
+    """Damaged copies of the saved memory ``src``: (what was done, directory). Each must fail to load.
+
+    Deterministic damage (missing, truncated, foreign, newer, traversal names) plus ``n_flips``
+    seeded single-bit flips, each in a file chosen at random.
+    """
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def copy(name: str) -> Path:
+        dst = work / name.replace("/", "_").replace(" ", "_")
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst, symlinks=True)
+        return dst
+
+    yield "missing directory", work / "nothing-here"
+    f = work / "a-file"
+    f.write_text("{}")
+    yield "a file, not a directory", f
+    empty = work / "empty"
+    empty.mkdir(exist_ok=True)
+    yield "empty directory", empty
+
+    def variant(name: str, fn: Callable[[Path], Any]) -> tuple[str, Path]:
+        d = copy(name)
+        fn(d)
+        return name, d
+
+    mj = "memory.json"
+    yield variant("memory.json missing", lambda d: (d / mj).unlink())
+    yield variant("memory.json empty", lambda d: (d / mj).write_bytes(b""))
+    for frac in (0.1, 0.5, 0.9, 0.999):
+        yield variant(
+            f"memory.json truncated to {frac:.1%}",
+            lambda d, frac=frac: (d / mj).write_bytes(
+                (d / mj).read_bytes()[: int(len((d / mj).read_bytes()) * frac)]
+            ),
+        )
+    yield variant(
+        "memory.json not UTF-8", lambda d: (d / mj).write_bytes(b"\xff\xfe" + (d / mj).read_bytes())
+    )
+    yield variant("memory.json is a list", lambda d: (d / mj).write_text("[1, 2, 3]"))
+    yield variant(
+        "memory.json nested 100k deep", lambda d: (d / mj).write_text("[" * 100_000 + "]" * 100_000)
+    )
+    yield variant("foreign format", lambda d: _edit_json(d / mj, lambda x: x.update(format="something-else")))
+    yield variant("newer format version", lambda d: _edit_json(d / mj, lambda x: x.update(format_version=99)))
+    yield variant(
+        "format version as string", lambda d: _edit_json(d / mj, lambda x: x.update(format_version="1"))
+    )
+    yield variant("format version 0", lambda d: _edit_json(d / mj, lambda x: x.update(format_version=0)))
+    yield variant("edits is a number", lambda d: _edit_json(d / mj, lambda x: x.update(edits=5)))
+    yield variant("edits missing", lambda d: _edit_json(d / mj, lambda x: x.pop("edits")))
+    yield variant("config invalid", lambda d: _edit_json(d / mj, lambda x: x["config"].update(margin=7)))
+    yield variant("config unknown field", lambda d: _edit_json(d / mj, lambda x: x["config"].update(bogus=1)))
+    yield variant("an edit id negative", lambda d: _edit_json(d / mj, lambda x: x["edits"][0].update(id=-5)))
+    yield variant(
+        "an edit's versions empty", lambda d: _edit_json(d / mj, lambda x: x["edits"][0].update(versions=[]))
+    )
+    yield variant(
+        "an answer changed",
+        lambda d: _edit_json(d / mj, lambda x: x["edits"][0]["versions"][-1].update(answer="tampered")),
+    )
+    yield variant(
+        "a threshold record changed",
+        lambda d: _edit_json(
+            d / mj, lambda x: x["edits"][0]["versions"][-1]["scope"][0].update(threshold=0.123)
+        ),
+    )
+    yield variant(
+        "an image reference with '..'",
+        lambda d: _edit_json(d / mj, lambda x: x["edits"][0]["versions"][0].update(image="../../etc/passwd")),
+    )
+    yield variant(
+        "attachment file name with '..'",
+        lambda d: _edit_json(d / mj, lambda x: x["attachments"][0].update(file="../memory.json")),
+    )
+    yield variant("next_id below a live id", lambda d: _edit_json(d / mj, lambda x: x.update(next_id=0)))
+    yield variant("retired holds a live id", lambda d: _edit_json(d / mj, lambda x: x.update(retired=[0])))
+    yield variant("encoder dim changed", lambda d: _edit_json(d / mj, lambda x: x["encoder"].update(dim=16)))
+    yield variant(
+        "encoder name changed", lambda d: _edit_json(d / mj, lambda x: x["encoder"].update(name="other"))
+    )
+    yield variant("keys.safetensors missing", lambda d: (d / "keys.safetensors").unlink())
+    yield variant(
+        "keys.safetensors truncated",
+        lambda d: (d / "keys.safetensors").write_bytes((d / "keys.safetensors").read_bytes()[:100]),
+    )
+    yield variant("a blob missing", lambda d: next((d / "blobs").iterdir()).unlink())
+    yield variant(
+        "a blob replaced",
+        lambda d: next((d / "blobs").iterdir()).write_bytes(png_bytes(shape_image("black"))),
+    )
+    yield variant("an attachment missing", lambda d: next((d / "attachments").iterdir()).unlink())
+    yield variant(
+        "a blob is a symlink outside", lambda d: _symlink_over(next((d / "blobs").iterdir()), work / "a-file")
+    )
+    yield variant("index dir missing", lambda d: shutil.rmtree(d / "index"))
+    yield variant(
+        "index.json foreign", lambda d: _edit_json(d / "index" / "index.json", lambda x: x.update(format="x"))
+    )
+    yield variant(
+        "index.json newer",
+        lambda d: _edit_json(d / "index" / "index.json", lambda x: x.update(format_version=9)),
+    )
+    yield variant("index keys.npy truncated", lambda d: (d / "index" / "keys.npy").write_bytes(b"\x93NUMPY"))
+    yield variant("index of another memory", lambda d: _swap_index(d))
+    for i in range(n_flips):
+        files = _files(src)
+        target = rng.choice(files)
+        rel = target.relative_to(src)
+        sub = random.Random(rng.random())
+        yield variant(f"bit flip #{i} in {rel}", lambda d, rel=rel, sub=sub: flip_bytes(d / rel, sub))
+
+
+def _symlink_over(p: Path, target: Path) -> None:
+    p.unlink()
+    p.symlink_to(target)
+
+
+def _swap_index(d: Path) -> None:
+    ix = ScopedIndex(DIM)
+    ix.add([0], np.ones((1, DIM)), 0.5)
+    shutil.rmtree(d / "index")
+    ix.save(d / "index")
+
+
+def loader_cases(mem: EditMemory, work: Path, seed: int = 0, n_flips: int = 24) -> list[BadCase]:
+    """`EditMemory.load` / `ScopedIndex.load` on damaged copies of a saved ``mem`` and of its index."""
+    src = work / "pristine"
+    if src.exists():
+        shutil.rmtree(src)
+    mem.save(src)
+    enc = HashKeyEncoder(int(mem.encoder.dim))
+    pristine = memory_state(mem)
+
+    def load(d: Path, flip: bool) -> None:
+        got = EditMemory.load(d, encoder=enc)
+        if flip and memory_state(got) == pristine:
+            raise IdenticalLoad(f"{d.name}: loaded exactly the pristine memory")
+
+    cases = [
+        BadCase(
+            "files",
+            f"EditMemory.load: {name}",
+            partial(load, d, name.startswith("bit flip")),
+            (EsgMemoryError, IdenticalLoad),
+        )
+        for name, d in corrupted_memory_dirs(src, work / "bad", seed, n_flips)
+    ]
+    cases.append(
+        BadCase(
+            "files",
+            "EditMemory.load with another encoder name",
+            lambda: EditMemory.load(src, encoder=HashKeyEncoder(int(mem.encoder.dim), name="other")),
+        )
+    )
+    cases.append(
+        BadCase(
+            "files",
+            "EditMemory.load with another encoder dim",
+            lambda: EditMemory.load(src, encoder=HashKeyEncoder(int(mem.encoder.dim) + 1)),
+        )
+    )
+    rng = random.Random(seed + 1)
+    ix_src = src / "index"
+    ix_pristine = index_state(ScopedIndex.load(ix_src))
+
+    def load_index(d: Path, flip: bool) -> None:
+        got = ScopedIndex.load(d)
+        if flip and index_state(got) == ix_pristine:
+            raise IdenticalLoad(f"{d.name}: loaded exactly the pristine index")
+    for i, (name, fn) in enumerate(
+        [
+            ("index.json missing", lambda d: (d / "index.json").unlink()),
+            ("index.json not JSON", lambda d: (d / "index.json").write_text("{nope")),
+            (
+                "index.json nested 100k deep",
+                lambda d: (d / "index.json").write_text("[" * 100_000 + "]" * 100_000),
+            ),
+            ("index dim changed", lambda d: _edit_json(d / "index.json", lambda x: x.update(dim=3))),
+            (
+                "index counts changed",
+                lambda d: _edit_json(d / "index.json", lambda x: x["counts"].update(edits=99)),
+            ),
+            ("structure.faiss truncated", lambda d: (d / "structure.faiss").write_bytes(b"IxM2")),
+            *[(f"index bit flip #{j}", _flipper(rng.random())) for j in range(max(4, n_flips // 3))],
+        ]
+    ):
+        d = work / "bad-index" / f"{i:02d}"
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(ix_src, d)
+        fn(d)
+        cases.append(
+            BadCase(
+                "index files",
+                f"ScopedIndex.load: {name}",
+                partial(load_index, d, name.startswith("index bit flip")),
+                (ScopedIndexError, IdenticalLoad),
+            )
+        )
+    return cases
+
+
+def _flipper(seed: float) -> Callable[[Path], None]:
+    def fn(d: Path) -> None:
+        r = random.Random(seed)
+        flip_bytes(r.choice(_files(d)), r)
+
+    return fn

@@ -1,0 +1,87 @@
+"""Hostile calls into `EditedModel` (tiny model) for the fuzz suite and bench_reliability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests._fuzz_fixtures import BadCase, hostile_images
+
+__all__ = ["model_cases"]
+
+Q = "what color is the shape?"
+
+
+def model_cases(em: Any, img: Any, tmp: Path) -> list[BadCase]:
+    """generate / retrieve / add_edit / revise_edit / delete_edit with bad prompts, images, keys, ids."""
+    dim = int(em.memory.encoder.dim)
+    cases: list[BadCase] = []
+
+    def add(cat: str, name: str, fn) -> None:
+        cases.append(BadCase(cat, f"EditedModel.{name}", fn))
+
+    def gen(**kw: Any) -> Any:
+        return em.generate(max_new_tokens=2, **kw)
+
+    bad_prompts: dict[str, Any] = {
+        "empty": [""],
+        "whitespace": ["  "],
+        "None row": [None],
+        "int row": [5],
+        "int": 5,
+        "dict": {"q": 1},
+        "NUL": ["what\x00?"],
+        "lone surrogate": ["what \udfff?"],
+        "over the text limit": ["q" * 9000],
+        "bytes": [b"what?"],
+    }
+    for name, p in bad_prompts.items():
+        add("model", f"generate(prompts={name})", lambda p=p: gen(images=[img], prompts=p))
+        if name != "None row":  # an image-only row is a valid retrieve
+            add("model", f"retrieve(prompts={name})", lambda p=p: em.retrieve(images=[img], prompts=p))
+        if isinstance(p, list) and (p[0] is None or isinstance(p[0], str)):
+            add("model", f"add_edit(question={name})", lambda p=p: em.add_edit(img, p[0], "x"))
+            add("model", f"add_edit(answer={name})", lambda p=p: em.add_edit(img, "a new question?", p[0]))
+    for name, im in hostile_images(tmp / "model-images").items():
+        if name in ("bytes over the size limit", "random bytes"):
+            continue  # same path as the other undecodable bytes; keeps the suite fast
+        add("model", f"generate(images=[{name}])", lambda im=im: gen(images=[im], prompts=[Q]))
+        add("model", f"add_edit(image={name})", lambda im=im: em.add_edit(im, "some question?", "x"))
+    for name, k in {
+        "NaN": np.full((1, dim), np.nan),
+        "zero": np.zeros((1, dim)),
+        "wrong dim": np.ones((1, dim + 3)),
+        "two rows for one": np.ones((2, dim)),
+        "strings": [["a"] * dim],
+    }.items():
+        add("model", f"generate(route_keys={name})", lambda k=k: gen(images=[img], prompts=[Q], route_keys=k))
+        if name != "two rows for one":
+            add("model", f"retrieve(keys={name})", lambda k=k: em.retrieve(keys=k))
+    structural = {
+        "generate(images without prompts)": lambda: gen(images=[img]),
+        "generate(rows differ)": lambda: gen(images=[img, img], prompts=[Q]),
+        "generate(route_texts rows differ)": lambda: gen(images=[img], prompts=[Q], route_texts=[Q, Q]),
+        "generate(prompts and input_ids)": lambda: gen(prompts=[Q], input_ids=np.ones((1, 3))),
+        "retrieve()": lambda: em.retrieve(),
+        "answer(no prompts)": lambda: em.answer([img], None),
+        "add_edit(tune='bogus')": lambda: em.add_edit(img, "q?", "a", tune="bogus"),
+        "add_edit(positives=5)": lambda: em.add_edit(img, "q?", "a", positives=5),
+        "add_edit(metadata=list)": lambda: em.add_edit(img, "q?", "a", metadata=[1, 2]),
+        "add_edit(edit_id=existing)": lambda: em.add_edit(img, "q?", "a", edit_id=0),
+        "add_edit(edit_id=-1)": lambda: em.add_edit(img, "q?", "a", edit_id=-1),
+        "add_edit(edit_id=1.0)": lambda: em.add_edit(img, "q?", "a", edit_id=1.0),
+        "revise_edit(unknown)": lambda: em.revise_edit(10**6, answer="x"),
+        "revise_edit(nothing)": lambda: em.revise_edit(0),
+        "revise_edit(answer='')": lambda: em.revise_edit(0, answer=""),
+        "revise_edit(tune='bogus')": lambda: em.revise_edit(0, tune="bogus", answer="x"),
+        "delete_edit(None)": lambda: em.delete_edit(None),
+        "delete_edit(unknown)": lambda: em.delete_edit(10**6),
+        "delete_edit(True)": lambda: em.delete_edit(True),
+        "tune_edit(unknown)": lambda: em.tune_edit(10**6),
+        "adapter(version=99)": lambda: em.adapter(0, version=99),
+    }
+    for name, fn in structural.items():
+        add("model", name, fn)
+    return cases
