@@ -89,17 +89,18 @@ class FeedbackMixin:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidInputError(f"attachment data must be bytes, not {type(data).__name__}")
             ver = self._version_of(st, version)
+            data = bytes(data)
+            op = {
+                "op": "attach",
+                "edit_id": st.id,
+                "kind": kind,
+                "version": ver,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            # journaled (and fsynced) under the writer lock only: routing never waits for the disk
+            self._log_write(op, {op["sha256"]: data}, attachment=data)
             with self._lock:
-                if self._commit_hook is not None:
-                    op = {
-                        "op": "attach",
-                        "edit_id": st.id,
-                        "kind": kind,
-                        "version": ver,
-                        "sha256": hashlib.sha256(bytes(data)).hexdigest(),
-                    }
-                    self._commit_hook(op, {op["sha256"]: bytes(data)})
-                self._attachments[(st.id, ver, kind)] = bytes(data)
+                self._attachments[(st.id, ver, kind)] = data
 
     def attachment(self, edit_id: int, kind: str, version: int | None = None) -> bytes | None:
         with self._lock:

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from index.errors import ScopedIndexError
 from ._memory_encode import EncodingMixin
 from ._memory_feedback import FeedbackMixin
 from ._memory_inputs import InputsMixin
+from ._memory_persist import PersistenceMixin
 from ._memory_route import RoutingMixin
 from ._memory_state import EditState, Plan
 from ._memory_util import (
@@ -58,7 +58,7 @@ __all__ = ["MAX_TEXT_CHARS", "EditMemory"]
 logger = logging.getLogger("esg_memory.memory")
 
 
-class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
+class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, PersistenceMixin):
     """Edits keyed by image+question, each with a learned scope; see the module docstring.
 
     ``locality_pool``: unrelated inputs every edit must *not* answer — a sequence of text strings
@@ -100,6 +100,9 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
         self._table = NeighbourTable(int(encoder.dim))
         self._keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._commit_hook: Callable[[dict[str, Any], Mapping[str, bytes]], None] | None = None
+        self._durable: Any = None  # esg_memory.durable.Durable while opened durably
+        self._origin: tuple[str, str, int] | None = None  # (dir, lineage, lsn) this state was loaded from
+        self._snapshot_journal: dict[str, Any] | None = None
         self._pool = np.zeros((0, int(encoder.dim)), dtype=np.float32)
         self._pool_images: list[str] = []
         self._pool_image_vecs = np.zeros((0, int(encoder.dim)), dtype=np.float32)
@@ -132,8 +135,18 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
         self._commit_hook = hook
 
     def _commit(self, plan: Plan, blobs: Mapping[str, bytes] = (), after=None, op=None) -> None:
-        if self._commit_hook is not None and op is not None:
-            self._commit_hook(op, dict(blobs))
+        lsn = self._log_write(op, dict(blobs), plan=plan)
+        try:
+            self._apply(plan, blobs, after)
+        except BaseException:
+            if lsn is not None:
+                self._durable.abort(lsn)  # journaled but not applied: void the record
+            raise
+        if lsn is not None:
+            self._durable.after_write(self)
+
+    def _apply(self, plan: Any, blobs: Mapping[str, bytes] = (), after=None) -> None:
+        """Install a planned (or replayed) write under the state lock."""
         with self._lock:
             old = {eid: self._edits.get(eid) for eid in plan.over}
             try:
@@ -477,21 +490,6 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin):
                     raise InvalidInputError(f"row {j} has neither image nor text")
             q = self._encode([None if im is None else normalize_image_arg(im) for im in ims], txs)
         return self._route_keys(q)[0]
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """Write the memory to a directory atomically (see `esg_memory.store`)."""
-        from .store import save_memory
-
-        with self._wlock, self._lock:
-            save_memory(self, Path(path))
-
-    @classmethod
-    def load(cls, path: str | Path, encoder: Any = None, *, backend: str | None = None) -> EditMemory:
-        """Load a directory written by `save`; refuses other encoders and damaged or newer files."""
-        from .store import load_memory
-
-        return load_memory(cls, Path(path), encoder, backend)
 
     def __repr__(self) -> str:
         return f"EditMemory({len(self)} edits, encoder={getattr(self.encoder, 'name', '?')!r})"

@@ -54,36 +54,113 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_memory(mem: EditMemory, path: Path) -> None:
-    """Write ``mem`` to ``path`` atomically. Caller holds the memory's locks."""
-    tensors: dict[str, np.ndarray] = {
-        "pool": np.ascontiguousarray(mem._pool, dtype=np.float32),
-        "pool_images": np.ascontiguousarray(mem._pool_image_vecs, dtype=np.float32),
+def edit_doc(st: EditState, tensors: dict[str, np.ndarray], vectors: bool = True) -> dict[str, Any]:
+    """One edit as JSON (returned) plus its arrays (added to ``tensors`` as ``e<id>.*``).
+
+    Shared by snapshots and journal records. ``vectors=False`` leaves out the encoded candidates
+    (a re-fit changes only the fit; the journal then records the fit alone).
+    """
+    eid = st.id
+    v = st.vec
+    tensors[f"e{eid}.thr"] = np.ascontiguousarray(st.fit.thresholds, dtype=np.float32)
+    doc: dict[str, Any] = {
+        "id": eid,
+        "created_at": st.created_at,
+        "updated_at": st.updated_at,
+        "metadata": st.metadata,
+        "versions": [x.to_dict() for x in st.versions],
+        "key_index": list(st.fit.key_index),
+        "nbrs": [[n, s] for n, s in sorted(st.nbrs.items())],
     }
-    edits = []
-    for eid in sorted(mem._edits):
-        st = mem._edits[eid]
-        v = st.vec
+    if vectors:
         tensors[f"e{eid}.cand"] = np.ascontiguousarray(v.cand, dtype=np.float32)
         tensors[f"e{eid}.own_neg"] = np.ascontiguousarray(v.own_neg, dtype=np.float32).reshape(
             -1, v.cand.shape[1]
         )
         tensors[f"e{eid}.qtext"] = np.ascontiguousarray(v.qtext, dtype=np.float32)
         tensors[f"e{eid}.ivec"] = np.ascontiguousarray(v.ivec, dtype=np.float32)
-        tensors[f"e{eid}.thr"] = np.ascontiguousarray(st.fit.thresholds, dtype=np.float32)
-        edits.append(
-            {
-                "id": eid,
-                "created_at": st.created_at,
-                "updated_at": st.updated_at,
-                "metadata": st.metadata,
-                "versions": [x.to_dict() for x in st.versions],
-                "key_index": list(st.fit.key_index),
-                "cand_labels": list(v.cand_labels),
-                "own_neg_labels": list(v.own_neg_labels),
-                "nbrs": [[n, s] for n, s in sorted(st.nbrs.items())],
-            }
+        doc["cand_labels"] = list(v.cand_labels)
+        doc["own_neg_labels"] = list(v.own_neg_labels)
+    return doc
+
+
+def tensor_reader(tensors: dict[str, np.ndarray], dim: int, where: str):
+    """``get(name, ndim)``: a checked float32 array from ``tensors`` (FormatError otherwise)."""
+
+    def get(name: str, ndim: int) -> np.ndarray:
+        if name not in tensors:
+            raise FormatError(f"{where}: missing tensor {name!r}")
+        t = tensors[name]
+        if (
+            t.dtype != np.float32
+            or t.ndim != ndim
+            or (ndim == 2 and t.shape[1] != dim)
+            or (ndim == 1 and name.endswith(("qtext", "ivec")) and t.shape[0] != dim)
+            or not np.all(np.isfinite(t))
+        ):
+            raise FormatError(f"{where}: tensor {name!r} has dtype {t.dtype} / shape {t.shape}")
+        return t
+
+    return get
+
+
+def edit_from_doc(e: dict[str, Any], tensor, vec: EditVectors | None = None) -> EditState:
+    """Inverse of `edit_doc`; ``vec`` supplies the vectors when the doc has none (journal re-fits)."""
+    eid = int(e["id"])
+    versions = tuple(EditVersion.from_dict(v) for v in e["versions"])
+    if not versions or [v.version for v in versions] != list(range(1, len(versions) + 1)):
+        raise FormatError(f"edit {eid}: versions must be 1..n")
+    if "cand_labels" in e:
+        vec = EditVectors(
+            cand=tensor(f"e{eid}.cand", 2),
+            cand_labels=tuple(str(x) for x in e["cand_labels"]),
+            own_neg=tensor(f"e{eid}.own_neg", 2),
+            own_neg_labels=tuple(str(x) for x in e["own_neg_labels"]),
+            qtext=tensor(f"e{eid}.qtext", 1),
+            ivec=tensor(f"e{eid}.ivec", 1),
         )
+    elif vec is None:
+        raise FormatError(f"edit {eid}: no vectors recorded and no earlier state to take them from")
+    ki = tuple(int(i) for i in e["key_index"])
+    thr = tensor(f"e{eid}.thr", 1)
+    cur = versions[-1]
+    if (
+        not ki
+        or len(ki) != thr.shape[0]
+        or min(ki) < 0
+        or max(ki) >= vec.cand.shape[0]
+        or len(cur.scope) != len(ki)
+        or len(vec.cand_labels) != vec.cand.shape[0]
+        or len(vec.own_neg_labels) != vec.own_neg.shape[0]
+    ):
+        raise FormatError(f"edit {eid}: keys, thresholds and labels disagree")
+    fit = ScopeFit(key_index=ki, thresholds=thr, records=tuple(cur.scope), uncovered=tuple(cur.uncovered))
+    meta = e["metadata"]
+    if not isinstance(meta, dict):
+        raise FormatError(f"edit {eid}: metadata must be an object")
+    return EditState(
+        id=eid,
+        created_at=float(e["created_at"]),
+        updated_at=float(e["updated_at"]),
+        metadata=meta,
+        versions=versions,
+        vec=vec,
+        fit=fit,
+        nbrs={int(n): float(s) for n, s in e["nbrs"]},
+    )
+
+
+def save_memory(mem: EditMemory, path: Path, journal: dict[str, Any] | None = None) -> None:
+    """Write ``mem`` to ``path`` atomically. Caller holds the memory's locks.
+
+    ``journal`` (``{"lsn", "lineage"}``) marks a durable snapshot: the journal records it already
+    holds (see `esg_memory.journal`); a plain export has none.
+    """
+    tensors: dict[str, np.ndarray] = {
+        "pool": np.ascontiguousarray(mem._pool, dtype=np.float32),
+        "pool_images": np.ascontiguousarray(mem._pool_image_vecs, dtype=np.float32),
+    }
+    edits = [edit_doc(mem._edits[eid], tensors) for eid in sorted(mem._edits)]
     keys_bytes = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
     attachments = []
     files: dict[str, bytes] = {}
@@ -117,6 +194,9 @@ def save_memory(mem: EditMemory, path: Path) -> None:
         "attachments": attachments,
         "files": {"keys.safetensors": {"sha256": _sha(keys_bytes), "bytes": len(keys_bytes)}},
     }
+    if journal is not None:
+        doc["journal"] = dict(journal)
+    doc["checksum"] = doc_checksum(doc)
     with atomic_directory(path) as tmp:
         (tmp / "keys.safetensors").write_bytes(keys_bytes)
         (tmp / "blobs").mkdir()
@@ -128,6 +208,11 @@ def save_memory(mem: EditMemory, path: Path) -> None:
         mem._index.save(tmp / "index")
         (tmp / "memory.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
     logger.info("saved %d edits to %s", len(edits), path)
+
+
+def doc_checksum(doc: dict[str, Any]) -> str:
+    """SHA-256 of ``doc``'s canonical JSON (sorted keys, no spaces); floats round-trip exactly."""
+    return _sha(json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -175,8 +260,8 @@ def load_memory(cls: type[EditMemory], path: Path, encoder: Any, backend: str | 
     raw = _read(path / "memory.json", "memory.json")
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"memory.json is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"memory.json is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise FormatError("memory.json is not an esg-memory file")
     fv = doc.get("format_version")
@@ -188,6 +273,9 @@ def load_memory(cls: type[EditMemory], path: Path, encoder: Any, backend: str | 
         )
     if fv < 1:
         raise FormatError(f"unknown memory format version {fv}")
+    if "checksum" in doc and doc.pop("checksum") != doc_checksum(doc):
+        # the other files are checksummed in here; this catches damage to memory.json itself
+        raise FormatError("memory.json: checksum mismatch (corrupted or edited by hand)")
     try:
         return _build(cls, path, doc, encoder, backend)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -205,21 +293,7 @@ def _build(cls: type[EditMemory], path: Path, doc: dict[str, Any], encoder: Any,
     except SafetensorError as e:
         raise FormatError(f"keys.safetensors: {e}") from None
     dim = int(encoder.dim)
-
-    def tensor(name: str, ndim: int) -> np.ndarray:
-        if name not in tensors:
-            raise FormatError(f"keys.safetensors: missing tensor {name!r}")
-        t = tensors[name]
-        if (
-            t.dtype != np.float32
-            or t.ndim != ndim
-            or (ndim == 2 and t.shape[1] != dim)
-            or (ndim == 1 and name.endswith(("qtext", "ivec")) and t.shape[0] != dim)
-            or not np.all(np.isfinite(t))
-        ):
-            raise FormatError(f"keys.safetensors: tensor {name!r} has dtype {t.dtype} / shape {t.shape}")
-        return t
-
+    tensor = tensor_reader(tensors, dim, "keys.safetensors")
     mem = cls.__new__(cls)
     try:
         mem._init_state(encoder, config, backend or doc["backend"])
@@ -236,47 +310,8 @@ def _build(cls: type[EditMemory], path: Path, doc: dict[str, Any], encoder: Any,
     mem._retired = {int(i) for i in doc["retired"]}
     mem._edits = {}
     for e in doc["edits"]:
-        eid = int(e["id"])
-        versions = tuple(EditVersion.from_dict(v) for v in e["versions"])
-        if not versions or [v.version for v in versions] != list(range(1, len(versions) + 1)):
-            raise FormatError(f"edit {eid}: versions must be 1..n")
-        cand, own_neg = tensor(f"e{eid}.cand", 2), tensor(f"e{eid}.own_neg", 2)
-        ki = tuple(int(i) for i in e["key_index"])
-        thr = tensor(f"e{eid}.thr", 1)
-        cur = versions[-1]
-        if (
-            not ki
-            or len(ki) != thr.shape[0]
-            or min(ki) < 0
-            or max(ki) >= cand.shape[0]
-            or len(cur.scope) != len(ki)
-            or len(e["cand_labels"]) != cand.shape[0]
-            or len(e["own_neg_labels"]) != own_neg.shape[0]
-        ):
-            raise FormatError(f"edit {eid}: keys, thresholds and labels disagree")
-        vec = EditVectors(
-            cand=cand,
-            cand_labels=tuple(e["cand_labels"]),
-            own_neg=own_neg,
-            own_neg_labels=tuple(e["own_neg_labels"]),
-            qtext=tensor(f"e{eid}.qtext", 1),
-            ivec=tensor(f"e{eid}.ivec", 1),
-        )
-        fit = ScopeFit(key_index=ki, thresholds=thr, records=tuple(cur.scope), uncovered=tuple(cur.uncovered))
-        nbrs = {int(n): float(s) for n, s in e["nbrs"]}
-        meta = e["metadata"]
-        if not isinstance(meta, dict):
-            raise FormatError(f"edit {eid}: metadata must be an object")
-        mem._edits[eid] = EditState(
-            id=eid,
-            created_at=float(e["created_at"]),
-            updated_at=float(e["updated_at"]),
-            metadata=meta,
-            versions=versions,
-            vec=vec,
-            fit=fit,
-            nbrs=nbrs,
-        )
+        st = edit_from_doc(e, tensor)
+        mem._edits[st.id] = st
     for eid, st in mem._edits.items():
         cap = mem.config.max_neighbours
         if any(n not in mem._edits or n == eid for n in st.nbrs) or (cap and len(st.nbrs) > cap):
@@ -334,5 +369,14 @@ def _build(cls: type[EditMemory], path: Path, doc: dict[str, Any], encoder: Any,
         mem._rebuild_index()
     else:
         mem._index = ix
+    journal = doc.get("journal")
+    if journal is not None and (
+        not isinstance(journal, dict)
+        or not isinstance(journal.get("lsn"), int)
+        or journal["lsn"] < 0
+        or not isinstance(journal.get("lineage"), str)
+    ):
+        raise FormatError("memory.json: bad journal position")
+    mem._snapshot_journal = journal
     logger.info("loaded %d edits from %s", len(mem._edits), path)
     return mem

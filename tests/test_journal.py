@@ -1,0 +1,342 @@
+"""Write-ahead journal of a durable EditMemory: exact replay, torn and corrupt records, versions, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _memory_fixtures import HashKeyEncoder, shape_image
+from safetensors.numpy import load_file
+
+from esg_memory.durable import JournalConfig
+from esg_memory.errors import ConfigError, FormatError, LockError
+from esg_memory.journal import list_segments, read_journal
+from esg_memory.memory import EditMemory
+from esg_memory.types import MemoryConfig
+
+ENC = HashKeyEncoder(dim=32)
+CFG = MemoryConfig(n_text_positives=1, n_image_positives=1)
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+PROBES = [(shape_image(c, s), f"what {w} is the {s}?") for c in COLORS for s in ("circle", "square")
+          for w in ("colour", "shape")]
+
+
+def new_durable(path: Path, **journal) -> EditMemory:
+    EditMemory(ENC, CFG).save(path)  # a plain directory, converted by open
+    # no snapshot on close: the tests below look at (and damage) the journal the writes left
+    return EditMemory.open(path, ENC, journal=JournalConfig(**{"compact_on_close": False, **journal}))
+
+
+def stream(mem: EditMemory, n: int = 10, seed: int = 0) -> None:
+    """Every kind of write: add, add_many, revise, rollback, feedback, attach, delete."""
+    rng = np.random.default_rng(seed)
+    ids = []
+    for k in range(n):
+        c, s = COLORS[k % 6], ("circle", "square")[k % 2]
+        img = None if k % 4 == 3 else shape_image(c, s, shift=k % 3)
+        pos = [f"which colour has this {s}?"] if k % 2 else [(shape_image(c, s, shift=1), None)]
+        ids.append(mem.add(img, f"what colour is the {s} {k}?", f"{c} {k}", positives=pos, metadata={"k": k}))
+    ids += mem.add_many([{"question": f"who wrote book {j}?", "answer": f"author {j}"} for j in range(3)])
+    mem.attach(ids[0], "adapter", b"\x00adapter-v1" * 10)
+    mem.revise(ids[0], answer="changed")
+    mem.attach(ids[0], "adapter", b"adapter-v2")
+    mem.rollback(ids[0], 1)
+    mem.revise(ids[1], question="what is drawn here?", image=shape_image("blue", "triangle"))
+    mem.feedback(shape_image("red", "circle"), "what colour is the circle now?", ids[0])
+    mem.feedback(None, "who wrote book 1 really?", None)
+    for eid in rng.choice(ids[2:], size=3, replace=False):
+        mem.delete(int(eid))
+
+
+def fingerprint(mem: EditMemory, tmp: Path) -> tuple:
+    """Everything saved (memory.json, keys bytes, blobs, attachments) + routing of fixed probes."""
+    d = tmp / f"fp{time.perf_counter_ns()}"
+    mem.save(d)
+    doc = json.loads((d / "memory.json").read_text())
+    # the file checksums differ between any two saves (safetensors orders its metadata at random)
+    doc.pop("files"), doc.pop("checksum", None)
+    tensors = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in load_file(d / "keys.safetensors").items()}
+    blobs = sorted(p.name for p in (d / "blobs").iterdir())
+    atts = sorted((p.name, p.read_bytes()) for p in (d / "attachments").iterdir())
+    r = mem.route(images=[p[0] for p in PROBES], texts=[p[1] for p in PROBES])
+    shutil.rmtree(d)
+    return (doc, tensors, blobs, atts, r.edit_ids.tolist(), r.scores.tolist(),
+            r.thresholds.tolist(), _keys(mem))
+
+
+def _keys(mem: EditMemory) -> list:
+    return [(e.id, *(x.tobytes() for x in mem.keys_of(e.id))) for e in mem.list()]
+
+
+def last_segment(path: Path) -> Path:
+    return list_segments(path / "journal")[-1][1]
+
+
+def record_offsets(seg: Path) -> list[int]:
+    data = seg.read_bytes()
+    out, pos = [], 24
+    while pos < len(data):
+        out.append(pos)
+        (n,) = struct.unpack_from("<I", data, pos + 12)
+        pos += 20 + n
+    return out
+
+
+# ------------------------------------------------------------------------------------ replay
+def test_replay_equals_the_live_memory_exactly(tmp_path):
+    path = tmp_path / "m"
+    mem = new_durable(path, compact_bytes=0)
+    stream(mem)
+    live = fingerprint(mem, tmp_path)
+    n_records = len(read_journal(path / "journal", 0)[0])
+    assert n_records >= 20  # nothing compacted: the snapshot is the empty memory, all of it is replayed
+    replayed = EditMemory.load(path, ENC)
+    assert fingerprint(replayed, tmp_path) == live
+    # a compaction + reopen gives the same memory again, and keeps journaling
+    lsn = mem.compact()
+    assert lsn == n_records and [f for f, _ in list_segments(path / "journal")] == [lsn + 1]
+    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == live
+    mem.close()
+    with EditMemory.open(path, ENC) as again:
+        assert fingerprint(again, tmp_path) == live
+        again.add(None, "one more question?", "yes")
+    assert len(EditMemory.load(path, ENC)) == len(live[0]["edits"]) + 1
+
+
+def test_auto_compaction_in_background_and_inline(tmp_path):
+    for background in (True, False):
+        path = tmp_path / f"m{background}"
+        mem = new_durable(path, compact_bytes=20_000, background=background)
+        stream(mem, n=8, seed=1)
+        mem._durable.wait()
+        assert mem._durable.compactions >= 1 and mem._durable.last_compact_error is None
+        assert fingerprint(EditMemory.load(path, ENC), tmp_path) == fingerprint(mem, tmp_path)
+        mem.close()
+        assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------------------------------------------ damaged journals
+def test_torn_last_record_at_every_byte_offset_is_dropped(tmp_path, caplog):
+    path = tmp_path / "m"
+    mem = new_durable(path, compact_bytes=0)
+    a = mem.add(shape_image("red"), "what colour is it?", "red")
+    mem.add(None, "who wrote hamlet?", "shakespeare")
+    before = fingerprint(mem, tmp_path)
+    mem.attach(a, "adapter", b"small adapter bytes")  # the last record: small, so every offset is cheap
+    mem.close()
+    seg = last_segment(path)
+    good = seg.read_bytes()
+    start = record_offsets(seg)[-1]
+    # journal level: every truncation point of the last record
+    for cut in range(start, len(good)):
+        seg.write_bytes(good[:cut])
+        records, _ = read_journal(path / "journal", 0)
+        assert [lsn for lsn, _ in records] == [1, 2]
+    assert "torn last record" in caplog.text
+    # memory level (a full load + replay each): a spread of offsets, header and payload
+    for cut in sorted({start, start + 1, start + 19, start + 20, start + 21, len(good) - 1,
+                       *range(start, len(good), 37)}):
+        seg.write_bytes(good[:cut])
+        loaded = EditMemory.load(path, ENC)
+        assert loaded.attachment(a, "adapter") is None
+        assert fingerprint(loaded, tmp_path) == before
+    # a flipped byte in the last record is a torn write too (checksum)
+    bad = bytearray(good)
+    bad[len(good) - 5] ^= 0xFF
+    seg.write_bytes(bytes(bad))
+    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before
+    # a writer truncates the torn tail, then appends after it
+    seg.write_bytes(good[: len(good) - 3])
+    with EditMemory.open(path, ENC, journal=JournalConfig(compact_on_close=False)) as w:
+        w.attach(a, "adapter", b"again")
+    assert EditMemory.load(path, ENC).attachment(a, "adapter") == b"again"
+
+
+def test_corrupt_middle_record_is_a_format_error(tmp_path):
+    path = tmp_path / "m"
+    mem = new_durable(path, compact_bytes=0)
+    for k in range(4):
+        mem.add(None, f"question number {k}?", f"answer {k}")
+    mem.close()
+    seg = last_segment(path)
+    data = bytearray(seg.read_bytes())
+    offs = record_offsets(seg)
+    for where in (offs[1] + 2, offs[1] + 30, offs[2] + 14):  # magic, payload, length field
+        bad = bytearray(data)
+        bad[where] ^= 0x5A
+        seg.write_bytes(bytes(bad))
+        with pytest.raises(FormatError, match="followed by a valid record"):
+            EditMemory.load(path, ENC)
+        with pytest.raises(FormatError):
+            EditMemory.open(path, ENC)
+    seg.write_bytes(bytes(data))
+    assert len(EditMemory.load(path, ENC)) == 4
+
+
+def test_newer_or_foreign_journal_is_refused(tmp_path):
+    path = tmp_path / "m"
+    mem = new_durable(path)
+    mem.add(None, "a question?", "an answer")
+    mem.close()
+    seg = last_segment(path)
+    data = seg.read_bytes()
+    head = struct.pack("<8sIQ", b"ESGJOURN", 2, 1)
+    seg.write_bytes(head + struct.pack("<I", zlib.crc32(head)) + data[24:])
+    with pytest.raises(FormatError, match="newer"):
+        EditMemory.load(path, ENC)
+    seg.write_bytes(b"NOTAJOURNAL" + data[11:])
+    with pytest.raises(FormatError, match="not an esg-memory journal"):
+        EditMemory.load(path, ENC)
+    seg.write_bytes(data)
+    # a snapshot newer than this library is refused too
+    doc = json.loads((path / "snapshot" / "memory.json").read_text())
+    doc["format_version"] = 99
+    (path / "snapshot" / "memory.json").write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="newer"):
+        EditMemory.load(path, ENC)
+
+
+def test_missing_records_between_snapshot_and_journal_are_an_error(tmp_path):
+    path = tmp_path / "m"
+    mem = new_durable(path, compact_bytes=0)
+    mem.add(None, "first question?", "one")
+    mem._durable.writer.rotate()
+    mem.add(None, "second question?", "two")
+    mem.close()
+    list_segments(path / "journal")[0][1].unlink()
+    with pytest.raises(FormatError, match="missing"):
+        EditMemory.load(path, ENC)
+
+
+# ------------------------------------------------------------------------------------ failures
+def test_failed_journal_write_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "m"
+    mem = new_durable(path)
+    a = mem.add(shape_image("red"), "what colour is it?", "red")
+    before = fingerprint(mem, tmp_path)
+    real = os.fdatasync
+
+    def boom(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", boom)
+    with pytest.raises(OSError):
+        mem.add(shape_image("blue"), "what colour is that?", "blue")
+    with pytest.raises(OSError):
+        mem.attach(a, "adapter", b"x")
+    with pytest.raises(OSError):
+        mem.delete(a)
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert fingerprint(mem, tmp_path) == before
+    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before
+    mem.revise(a, answer="crimson")  # the journal is usable again: the partial record was cut off
+    assert EditMemory.load(path, ENC).get(a).answer == "crimson"
+
+
+def test_apply_failure_after_journaling_is_voided(tmp_path, monkeypatch):
+    path = tmp_path / "m"
+    mem = new_durable(path)
+    a = mem.add(None, "what is the capital of france?", "paris")
+    before = fingerprint(mem, tmp_path)
+    real = EditMemory._apply
+    monkeypatch.setattr(EditMemory, "_apply", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        mem.revise(a, answer="lyon")
+    monkeypatch.setattr(EditMemory, "_apply", real)
+    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before  # journaled, then voided
+    mem.revise(a, answer="paris, france")
+    assert EditMemory.load(path, ENC).get(a).version == 2
+
+
+def test_closed_and_readonly_memories_refuse_writes(tmp_path):
+    path = tmp_path / "m"
+    mem = new_durable(path)
+    a = mem.add(None, "what is two plus two?", "four")
+    ro = EditMemory.open(path, readonly=True, encoder=ENC)
+    assert ro.get(a).answer == "four"
+    with pytest.raises(ConfigError, match="read-only"):
+        ro.revise(a, answer="five")
+    mem.close()
+    with pytest.raises(ConfigError, match="closed"):
+        mem.add(None, "another?", "no")
+    assert len(EditMemory.load(path, ENC)) == 1
+    with pytest.raises(ConfigError, match="encoder"):
+        EditMemory.open(tmp_path / "empty")
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="not an esg-memory directory"):
+        EditMemory.open(tmp_path / "thesis", ENC)
+    assert [p.name for p in (tmp_path / "thesis").iterdir()] == ["chapter1.txt"]
+
+
+def test_make_durable_resumes_or_replaces(tmp_path):
+    path = tmp_path / "m"
+    with new_durable(path) as mem:
+        mem.add(None, "what is the tallest mountain?", "everest")
+    loaded = EditMemory.load(path, ENC)
+    lineage = json.loads((path / "snapshot" / "memory.json").read_text())["journal"]["lineage"]
+    loaded.make_durable(path)  # unchanged since loaded: the journal is resumed, no new snapshot
+    assert json.loads((path / "snapshot" / "memory.json").read_text())["journal"]["lineage"] == lineage
+    loaded.add(None, "what is the longest river?", "nile")
+    loaded.close()
+    other = EditMemory(ENC, CFG)
+    other.add(None, "what is the largest ocean?", "pacific")
+    other.make_durable(path)  # a different memory: replaces the directory's content
+    other.add(None, "what is the smallest planet?", "mercury")
+    assert sorted(e.answer for e in EditMemory.load(path, ENC).list()) == ["mercury", "pacific"]
+    with pytest.raises(LockError):
+        EditMemory(ENC, CFG).save(path)  # another durable directory in use: refused, not clobbered
+    other.close()
+
+
+# ------------------------------------------------------------------------------------ locks
+_HOLDER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from _memory_fixtures import HashKeyEncoder
+from esg_memory.memory import EditMemory
+mem = EditMemory.open({path!r}, HashKeyEncoder(dim=32))
+mem.add(None, "written by the holder?", "yes")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_writer_in_another_process_gets_lock_error_readers_work(tmp_path, caplog):
+    path = tmp_path / "m"
+    new_durable(path).close()
+    code = _HOLDER.format(tests=str(Path(__file__).parent), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(LockError, match=f"pid {proc.pid}"):
+            EditMemory.open(path, ENC)
+        with pytest.raises(LockError):
+            EditMemory(ENC, CFG).make_durable(path)
+        # readers see the holder's acknowledged write while it holds the lock
+        assert [e.answer for e in EditMemory.load(path, ENC).list()] == ["yes"]
+        assert len(EditMemory.open(path, ENC, readonly=True)) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the kernel released the dead holder's flock: the next writer takes over (with a warning)
+    with EditMemory.open(path, ENC) as mem:
+        assert len(mem) == 1
+    assert "taking over the writer lock" in caplog.text
+
+
+def test_two_writers_in_one_process(tmp_path):
+    path = tmp_path / "m"
+    with new_durable(path), pytest.raises(LockError, match="this process"):
+        EditMemory.open(path, ENC)
+    EditMemory.open(path, ENC).close()  # released on close
