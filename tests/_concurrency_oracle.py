@@ -131,8 +131,10 @@ def run_concurrency_check(
         setattr(em.memory, name, recorder(name))
     em.adapter = adapter_rec  # type: ignore[method-assign]
 
-    def write_once(rng: random.Random) -> None:
+    def write_once(rng: random.Random) -> bool:
         with wlock:
+            if len(log) >= n_writes:
+                return False
             slot = rng.randrange(len(_SLOTS))
             eid = live.get(slot)
             q = _SLOTS[slot][2]
@@ -150,6 +152,7 @@ def run_concurrency_check(
                 em.delete_edit(eid)
                 del live[slot]
                 log.append(("delete", eid))
+            return True
 
     reads: list[tuple] = []  # (kind, probe, lo, hi, record, result)
     stop = threading.Event()
@@ -163,8 +166,7 @@ def run_concurrency_check(
 
     def writer(k: int) -> None:
         rng = random.Random(seed * 100 + k)
-        while not stop.is_set() and len(log) < n_writes:
-            write_once(rng)
+        while not stop.is_set() and write_once(rng):
             time.sleep(rng.random() * 0.02)
 
     def reader(k: int, kind: str) -> None:
