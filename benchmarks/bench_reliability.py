@@ -4,13 +4,13 @@ Three parts, each a pass/fail count rather than a speed:
 
 1. **Bad inputs** — the fuzz catalogue of ``tests/_fuzz_fixtures.py`` (ids, texts, images, arrays,
    argument structures on `EditMemory`; `load_image` with ``..``/symlink escapes; `ScopedIndex`;
-   `EditedModel` on the tiny LLaVA), damaged memory and index directories (``tests/_fuzz_files.py``:
-   truncation, foreign and newer formats, traversal names, ``--flips`` seeded random bit flips), and
-   ``--random`` seeded random byte strings and damaged PNGs given as images. Each case must raise a
-   typed error (`EsgMemoryError`, or `ScopedIndexError` for the index) and leave the state it was
-   called on unchanged (a full fingerprint before and after); a random flip may instead load into
-   exactly the pristine state (the bit carried no data). Reported: cases tried and how each category
-   was refused, by error type.
+   `EditedModel` on the tiny LLaVA; the tiny CLIP encoder), damaged memory and index directories
+   (``tests/_fuzz_files.py``: truncation, foreign and newer formats, traversal names, ``--flips``
+   seeded random bit flips), and ``--random`` seeded random byte strings and damaged PNGs given as
+   images. Each case must raise a typed error (`EsgMemoryError`, or `ScopedIndexError` for the index)
+   and leave the state it was called on unchanged (a full fingerprint before and after); a random
+   flip may instead load into exactly the pristine state (the bit carried no data). Reported: cases
+   tried and how each category was refused, by error type.
 2. **Concurrency** — ``tests/_concurrency_oracle.py``: writer threads add, revise and delete edits
    while others route and generate; every read is checked against a serial replay of the writes
    (``--concurrency-seeds`` runs). Reported: operations checked, violations, thread errors.
@@ -121,6 +121,12 @@ def run_fuzz(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], floa
     em.add_edit(img, "what color is the shape?", "purple")
     for c in model_cases(em, img, work / "model"):
         outcomes.append(run_case(c, lambda: memory_state(em.memory)))
+    from tests._fuzz_model import encoder_cases, encoder_state
+    from tests._model_fixtures import tiny_encoder
+
+    enc = tiny_encoder()
+    for c in encoder_cases(enc, work / "encoder"):
+        outcomes.append(run_case(c, lambda: encoder_state(enc)))
     return summarize(outcomes), time.perf_counter() - t0
 
 

@@ -1,4 +1,4 @@
-"""Hostile calls into `EditedModel` (tiny model) for the fuzz suite and bench_reliability."""
+"""Hostile calls into the library's key encoders and `EditedModel` (tiny models) for the fuzz suite."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from tests._fuzz_fixtures import BadCase, hostile_images
+from tests._fuzz_fixtures import BadCase, _arr, hostile_images
+from tests._memory_fixtures import png_bytes, shape_image
 
-__all__ = ["model_cases"]
+__all__ = ["encoder_cases", "encoder_state", "model_cases"]
 
 Q = "what color is the shape?"
 
@@ -84,4 +85,48 @@ def model_cases(em: Any, img: Any, tmp: Path) -> list[BadCase]:
     }
     for name, fn in structural.items():
         add("model", name, fn)
+    return cases
+
+
+def encoder_state(enc: Any) -> str:
+    """What the encoder returns for a fixed batch (a poisoned cache would change it)."""
+    img = png_bytes(shape_image("blue"))
+    return _arr(enc.encode([img, None, img], ["what is it?", "who wrote hamlet?", None]))
+
+
+def encoder_cases(enc: Any, tmp: Path) -> list[BadCase]:
+    """``encode`` / ``encode_images`` / ``encode_texts`` of a `KeyEncoder` with bad rows."""
+    good = png_bytes(shape_image("red"))
+    cases: list[BadCase] = []
+
+    def add(name: str, fn) -> None:
+        cases.append(BadCase("encoders", f"{type(enc).__name__}.{name}", fn))
+
+    for name, t in {
+        "empty": "",
+        "whitespace": "  ",
+        "lone surrogate": "a\ud800",
+        "int": 5,
+        "bytes": b"x",
+        "list": ["x"],
+    }.items():
+        add(f"encode(texts=[{name}])", lambda t=t: enc.encode([None], [t]))
+        add(f"encode_texts([{name}])", lambda t=t: enc.encode_texts([t]))
+    for name, im in hostile_images(tmp / "encoder-images").items():
+        if name in ("bytes over the size limit", "random bytes"):
+            continue
+        add(f"encode(images=[{name}])", lambda im=im: enc.encode([im], ["what is it?"]))
+        add(f"encode_images([{name}])", lambda im=im: enc.encode_images([im]))
+    structural = {
+        "encode(rows differ)": lambda: enc.encode([good, good], ["a?"]),
+        "encode(row with nothing)": lambda: enc.encode([None], [None]),
+        "encode(texts=str)": lambda: enc.encode(None, "what is it?"),
+        "encode(images=bytes)": lambda: enc.encode(good, None),
+        "encode(images=5)": lambda: enc.encode(5, ["a?"]),
+        "encode_texts(str)": lambda: enc.encode_texts("what is it?"),
+        "encode_images([None])": lambda: enc.encode_images([None]),
+        "encode_images(PIL image)": lambda: enc.encode_images(shape_image("red")),
+    }
+    for name, fn in structural.items():
+        add(name, fn)
     return cases

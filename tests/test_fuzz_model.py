@@ -15,9 +15,9 @@ from esg_memory.errors import EncoderMismatchError, FormatError, InvalidInputErr
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
 from tests._fuzz_fixtures import CFG, memory_state, run_case, summarize
-from tests._fuzz_model import model_cases
+from tests._fuzz_model import encoder_cases, encoder_state, model_cases
 from tests._memory_fixtures import HashKeyEncoder
-from tests._model_fixtures import one_thread, same_state, shape_image, state_snapshot, tiny
+from tests._model_fixtures import one_thread, same_state, shape_image, state_snapshot, tiny, tiny_encoder
 
 Q = "what color is the shape?"
 
@@ -145,3 +145,11 @@ def test_damaged_wrapper_metadata_is_refused(env, tmp_path, damage):
 def test_route_keys_of_a_foreign_encoder_dim_are_refused(env):
     with pytest.raises(InvalidInputError, match="shape"):
         env.em.generate(images=[env.img], prompts=[Q], route_keys=np.ones((1, 16)), max_new_tokens=2)
+
+
+def test_clip_encoder_refuses_bad_rows_and_its_cache_stays_clean(tmp_path):
+    enc = tiny_encoder()
+    cases = encoder_cases(enc, tmp_path)
+    outcomes = [run_case(c, lambda: encoder_state(enc)) for c in cases]
+    bad = [f for s in summarize(outcomes).values() for f in s["failed"]]
+    assert not bad, "\n".join(bad)
