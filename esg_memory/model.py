@@ -113,13 +113,20 @@ class EditedModel:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def wrap(cls, model: Any, processor: Any, memory: Any = None, encoder: Any = None,
-             config: EditedModelConfig | None = None) -> EditedModel:
-        """Wrap a model the caller already holds. ``memory``: an EditMemory, a saved directory, or None."""
+             config: EditedModelConfig | None = None, *, durable: bool = False) -> EditedModel:
+        """Wrap a model the caller already holds. ``memory``: an EditMemory, a saved directory, or None.
+
+        ``durable=True`` with a directory opens it with `EditMemory.open`: every edit is journaled
+        and fsynced before the call returns, and the directory is locked until `close`.
+        """
         get_family(model)  # unsupported models fail before any memory is opened
-        meta = None
+        meta, directory = None, None
+        if durable and not isinstance(memory, (str, Path)):
+            raise ConfigError("durable=True needs memory= a directory (or use EditMemory.open yourself)")
         if isinstance(memory, (str, Path)):
             _check_model(Path(memory), model)  # before any lock is taken or key loaded
-            memory, meta = _open_memory(Path(memory), encoder)
+            directory = Path(memory)
+            memory, meta = _open_memory(directory, encoder, durable)
         elif memory is None:
             if encoder is None:
                 raise ConfigError("pass memory= (an EditMemory or a directory) or encoder= for a new memory")
@@ -129,13 +136,20 @@ class EditedModel:
         _check_encoder(memory, encoder)
         if config is None and meta is not None:
             config = _config_from_meta(meta)
-        return cls(model, processor, memory, config)
+        em = cls(model, processor, memory, config)
+        if durable and meta is None and directory is not None and \
+                memory.durable_path == (directory / _MEMORY_DIR).absolute():
+            em._save_meta(directory)  # a new wrapper directory: reloadable as a whole from now on
+        em._owns_memory = durable
+        return em
 
     @classmethod
     def from_pretrained(cls, model_id_or_path: str | Path, memory: Any = None, encoder: Any = None,
                         config: EditedModelConfig | None = None, processor: Any = None,
-                        **hf_kwargs: Any) -> EditedModel:
-        """Load the base with transformers' own ``from_pretrained`` (hub ids or local dirs) and wrap it."""
+                        durable: bool = False, **hf_kwargs: Any) -> EditedModel:
+        """Load the base with transformers' own ``from_pretrained`` (hub ids or local dirs) and wrap it.
+
+        ``durable``: see `wrap` (a ``memory`` directory opened with `EditMemory.open`)."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         from .pretrained import is_pretrained_name, pretrained_path
@@ -151,7 +165,7 @@ class EditedModel:
         model.eval()
         if processor is None:
             processor = AutoProcessor.from_pretrained(model_id_or_path, **_hub_kwargs(hf_kwargs))
-        return cls.wrap(model, processor, memory=memory, encoder=encoder, config=config)
+        return cls.wrap(model, processor, memory=memory, encoder=encoder, config=config, durable=durable)
 
     def __getattr__(self, name: str) -> Any:
         # peft-style passthrough; guard internals so a half-built object never recurses
@@ -466,7 +480,10 @@ class EditedModel:
         """Save the memory (adapters included) and this wrapper's config; reload with ``from_pretrained``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.memory.save(d / _MEMORY_DIR)
+        self.memory.save(d / _MEMORY_DIR)  # its own durable directory: a compaction
+        self._save_meta(d)
+
+    def _save_meta(self, d: Path) -> None:
         meta = {
             "format": "esg-memory-edited-model",
             "format_version": MODEL_FORMAT_VERSION,
@@ -482,17 +499,23 @@ class EditedModel:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if getattr(self, "_owns_memory", False):  # opened durably by wrap: snapshot, release the lock
+            self.memory.close()
 
 
-def _open_memory(path: Path, encoder: Any) -> tuple[Any, dict | None]:
+def _open_memory(path: Path, encoder: Any, durable: bool = False) -> tuple[Any, dict | None]:
     from .memory import EditMemory
 
     meta = _read_meta(path)
     if meta is not None:
         path = path / _MEMORY_DIR
-    if not path.exists():
-        if encoder is None:
-            raise ConfigError(f"{path} does not exist; pass encoder= to start a new memory there")
+    new = not path.exists() or (meta is None and path.is_dir() and not any(path.iterdir()))
+    if new and encoder is None:
+        raise ConfigError(f"{path} does not exist; pass encoder= to start a new memory there")
+    if durable:
+        # a new durable wrapper directory gets the wrapper layout (DIR/edited_model.json + DIR/memory)
+        return EditMemory.open(path / _MEMORY_DIR if new and meta is None else path, encoder), meta
+    if new:
         return EditMemory(encoder), meta
     return EditMemory.load(path, encoder=encoder), meta
 

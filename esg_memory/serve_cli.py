@@ -102,7 +102,10 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, start_timeo
 
 def _check_memory_dir(memory_dir: Path) -> bool:
     """True when ``memory_dir`` holds a saved memory; refuses a directory that holds something else."""
-    saved = (memory_dir / "edited_model.json").is_file() or (memory_dir / "memory.json").is_file()
+    from .durable import is_durable
+
+    saved = (memory_dir / "edited_model.json").is_file() or (memory_dir / "memory.json").is_file() \
+        or is_durable(memory_dir)
     if not saved and memory_dir.exists():
         if not memory_dir.is_dir():
             raise ConfigError(f"{memory_dir} is not a directory")

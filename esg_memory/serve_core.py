@@ -11,10 +11,13 @@ Consistency model:
   injected, and an edit whose delete was acknowledged before a request was queued never fires.
 - Tuning (seconds) runs outside the exclusive lock: it only swaps the adapter of an existing
   (edit, version), which routing does not depend on.
-- Durability: every acknowledged write is followed by ``model.save(memory_dir)`` (an atomic
-  snapshot; see `index._fs.atomic_directory`) before the call returns. The memory has no
-  append-only journal yet, so each write costs a full snapshot, O(number of edits), and
-  ``EditMemory.save`` holds the memory's lock while it writes, so routing waits for each snapshot.
+- Durability: a writable service runs the model's memory in durable mode (`EditMemory.open` /
+  `EditMemory.make_durable` on ``memory_dir/memory``; see `esg_memory.durable`): every write
+  (the edit, its compiled and tuned adapters) is appended to the write-ahead journal and fsynced
+  *before* the call returns, so an acknowledged write survives a crash (SIGKILL included).
+  A write costs one journal record (O(edits it re-fits), not O(memory)); snapshots are written
+  by background compaction when the journal grows past ``ServiceConfig.compact_bytes`` and at
+  shutdown, while routing and writes go on.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class ServiceConfig:
     """A generate request waiting longer than this fails with HTTP 504."""
     read_only: bool = False
     """Refuse every write (no token needed, nothing persisted)."""
+    compact_bytes: int = 64 * 2**20
+    """Journal size that triggers a background snapshot (compaction); 0 = only at shutdown."""
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1 or self.max_queue < 1 or self.max_rows_per_request < 1:
@@ -146,8 +151,11 @@ class EditService:
         self._w_done = 0
         self._hits: dict[int, int] = {}
         self._hits_lock = threading.Lock()
-        self._tuning: dict[int, Future] = {}  # background jobs not yet persisted
+        self._tuning: dict[int, Future] = {}  # background tuning jobs still running
         self.last_persist_error: str | None = None
+        self._owns_journal = False
+        if not self.config.read_only:
+            self._make_durable()
         self.started = time.time()
         self._batcher = MicroBatcher(
             self._run_batch,
@@ -163,28 +171,61 @@ class EditService:
         m.gauge("generate_queue", "Generate requests waiting for the batcher.", lambda: float(self.queued()))
         m.counter("edit_hits_total", "Generated rows that an edit was injected into.")
         m.counter("generate_rows_total", "Generated rows.")
-        m.counter("writes_total", "Acknowledged (persisted) writes, by operation.")
+        m.counter("writes_total", "Acknowledged (journaled) writes, by operation.")
         m.counter("generate_retries_total", "Batches re-run because a write committed while they ran.")
         m.histogram("batch_rows", "Rows per model call.", (1, 2, 4, 8, 16, 32, 64))
-        m.histogram("persist_seconds", "Time to persist the memory after a write.")
+        m.histogram("persist_seconds", "Journal append + fsync time of one acknowledged write.")
+        m.gauge("journal_bytes", "Bytes in the journal segment in use (reset by each compaction).",
+                lambda: float(self._journal_stat("bytes_since_rotate")))
+        m.gauge("compactions", "Snapshots written by compaction since start.",
+                lambda: float(getattr(self.model.memory._durable, "compactions", 0)))
 
     # ------------------------------------------------------------------ writes
     def _check_writable(self) -> None:
         if self.config.read_only:
             raise ReadOnlyError("this service is read-only")
 
-    def persist(self) -> float:
-        """Save the model's memory to ``memory_dir`` atomically; returns the seconds it took."""
-        t0 = time.perf_counter()
+    def _make_durable(self) -> None:
+        """Journal the model's memory into ``memory_dir/memory`` (resumed if it was loaded from there)."""
+        from .durable import JournalConfig
+
+        assert self.memory_dir is not None
+        mem = self.model.memory
+        target = (self.memory_dir / "memory").absolute()
+        if mem.durable_path is None:
+            mem.make_durable(target, JournalConfig(compact_bytes=self.config.compact_bytes))
+            self._owns_journal = True
+        if mem.durable_path == target:
+            self.model._save_meta(self.memory_dir)  # model config + identity beside the memory
+
+    def _journal_stat(self, name: str) -> float:
+        d = getattr(self.model.memory, "_durable", None)
+        w = getattr(d, "writer", None)
+        return float(getattr(w, name, 0.0)) if w is not None else 0.0
+
+    @contextlib.contextmanager
+    def _journaled(self, op: str) -> Iterator[dict[str, float]]:
+        """Time the journal work of one write (its records are fsynced inside the memory's calls)."""
+        out = {"seconds": 0.0}
+        j0 = self._journal_stat("fsync_seconds")
         try:
-            self.model.save(self.memory_dir)
-        except BaseException as exc:
+            yield out
+        except OSError as exc:  # the journal could not be written: the write was not applied
             self.last_persist_error = f"{type(exc).__name__}: {exc}"
             raise
+        out["seconds"] = self._journal_stat("fsync_seconds") - j0
         self.last_persist_error = None
-        dt = time.perf_counter() - t0
-        self.metrics.observe("persist_seconds", dt)
-        return dt
+        self.metrics.observe("persist_seconds", out["seconds"])
+        self.metrics.inc("writes_total", op=op)
+
+    def persist(self) -> float:
+        """Write a snapshot now (compaction: the journal already holds every write); returns seconds."""
+        t0 = time.perf_counter()
+        if self.model.memory.durable_path is not None:
+            self.model.memory.compact()
+        elif self.memory_dir is not None:
+            self.model.save(self.memory_dir)
+        return time.perf_counter() - t0
 
     def _tune(self, eid: int, tune: str) -> dict[str, Any] | None:
         if tune == "never":
@@ -204,15 +245,11 @@ class EditService:
                 "seconds": round(float(rep.seconds), 3), "loss": _finite(rep.loss)}
 
     def _after_background_tune(self, eid: int, fut: Future) -> None:
+        # the tuned adapter was journaled by the memory's attach before the job ended
         try:
             exc = fut.exception()
             if exc is not None:
                 logger.warning("background tuning of edit %d failed: %s", eid, exc)
-                return
-            with self._wmutex:
-                self.persist()
-        except Exception as e:  # nothing to answer to; the next write persists it again
-            logger.error("persisting tuned edit %d failed: %s", eid, e)
         finally:
             with self._hits_lock:
                 if self._tuning.get(eid) is fut:
@@ -225,34 +262,22 @@ class EditService:
         self._check_writable()
         if tune not in TUNE_MODES:
             raise InvalidInputError(f"tune must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
-        with self._wmutex:
+        with self._wmutex, self._journaled("add") as j:
             with self._mutating():
                 eid = int(self.model.add_edit(image, question, answer, positives=list(positives or []),
                                               tune="never", metadata=dict(metadata or {}), edit_id=edit_id))
-            try:
-                report = self._tune(eid, tune) if tune == "sync" else None
-                dt = self.persist()
-            except BaseException:
-                # not acknowledged, so not kept: the memory goes back to what is on disk
-                with self._mutating():
-                    self.model.delete_edit(eid)
-                raise
-            if tune == "background":
-                report = self._tune(eid, tune)
-            self.metrics.inc("writes_total", op="add")
-            return {"id": eid, "version": self.model.memory.get(eid).version, "tune": report,
-                    "persist_seconds": round(dt, 4)}
+            report = self._tune(eid, tune)
+        return {"id": eid, "version": self.model.memory.get(eid).version, "tune": report,
+                "persist_seconds": round(j["seconds"], 4)}
 
     def delete_edit(self, edit_id: int) -> dict[str, Any]:
         self._check_writable()
-        with self._wmutex:
+        with self._wmutex, self._journaled("delete") as j:
             with self._mutating():
                 self.model.delete_edit(int(edit_id))
-            dt = self.persist()
-            self.metrics.inc("writes_total", op="delete")
             with self._hits_lock:
                 self._hits.pop(int(edit_id), None)
-            return {"id": int(edit_id), "deleted": True, "persist_seconds": round(dt, 4)}
+        return {"id": int(edit_id), "deleted": True, "persist_seconds": round(j["seconds"], 4)}
 
     def revise_edit(self, edit_id: int, tune: str = "never", **changes: Any) -> dict[str, Any]:
         self._check_writable()
@@ -261,26 +286,20 @@ class EditService:
         changes = {k: v for k, v in changes.items() if v is not None}
         if not changes:
             raise InvalidInputError("a revision needs at least one of answer, question, image, positives")
-        with self._wmutex:
+        with self._wmutex, self._journaled("revise") as j:
             with self._mutating():
                 version = int(self.model.revise_edit(int(edit_id), tune="never", **changes))
-            report = self._tune(int(edit_id), tune) if tune == "sync" else None
-            dt = self.persist()
-            if tune == "background":
-                report = self._tune(int(edit_id), tune)
-            self.metrics.inc("writes_total", op="revise")
-            return {"id": int(edit_id), "version": version, "tune": report, "persist_seconds": round(dt, 4)}
+            report = self._tune(int(edit_id), tune)
+        return {"id": int(edit_id), "version": version, "tune": report,
+                "persist_seconds": round(j["seconds"], 4)}
 
     def rollback(self, edit_id: int, version: int) -> dict[str, Any]:
         self._check_writable()
-        with self._wmutex:
-            with self._mutating():
-                new = int(self.model.memory.rollback(int(edit_id), version))
-                self.model.adapter(int(edit_id))  # warm (and validate) the restored adapter now
-            dt = self.persist()
-            self.metrics.inc("writes_total", op="rollback")
-            return {"id": int(edit_id), "version": new, "rolled_back_to": int(version),
-                    "persist_seconds": round(dt, 4)}
+        with self._wmutex, self._journaled("rollback") as j, self._mutating():
+            new = int(self.model.memory.rollback(int(edit_id), version))
+            self.model.adapter(int(edit_id))  # warm (and validate) the restored adapter now
+        return {"id": int(edit_id), "version": new, "rolled_back_to": int(version),
+                "persist_seconds": round(j["seconds"], 4)}
 
     # ------------------------------------------------------------------ reads
     def hits(self, edit_id: int) -> int:
@@ -469,6 +488,11 @@ class EditService:
         }
 
     def close(self) -> None:
-        """Finish queued generation and tuning (tuned adapters are persisted), then stop."""
+        """Finish queued generation and tuning (tuned adapters are journaled), snapshot, then stop."""
         self._batcher.close()
         self.model.close()
+        mem = self.model.memory
+        if self._owns_journal:
+            mem.close()  # compaction (JournalConfig.compact_on_close) + the writer lock released
+        elif not self.config.read_only and mem.durable_path is not None:
+            mem.compact()

@@ -478,20 +478,32 @@ def test_run_from_args_refuses_before_loading_models(tmp_path, monkeypatch, caps
     assert sorted(p.name for p in Path(d).iterdir()) == ["thesis.txt"]
 
 
-def test_unpersistable_write_is_not_kept(base, tmp_path):
-    """If the snapshot cannot be written, the add is refused and undone: live state matches disk."""
+def test_unjournaled_write_is_refused_and_not_applied(base, tmp_path, monkeypatch):
+    """If the journal cannot be written (disk full), the add is refused and not applied: live matches disk."""
     from esg_memory.serve_core import EditService, GenerateOptions
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the memory directory should be")
+    with pytest.raises(OSError):
+        EditService(wrap(base), blocker)
     em = wrap(base)
-    svc = EditService(em, blocker)
+    svc = EditService(em, tmp_path / "m")
+    real = os.fdatasync
     try:
+        def full(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fdatasync", full)
         with pytest.raises(OSError):
             svc.add_edit(PURPLE, Q, "purple")
         assert len(em.memory) == 0
-        assert svc.health()["status"] == "degraded" and svc.health()["last_persist_error"]
+        assert svc.health()["status"] == "degraded" and "No space" in svc.health()["last_persist_error"]
         row = svc.generate([(Image.open(io.BytesIO(PURPLE)), Q)], GenerateOptions(max_new_tokens=2))[0]
         assert row["edit_id"] is None
+        monkeypatch.setattr(os, "fdatasync", real)
+        eid = svc.add_edit(PURPLE, Q, "purple")["id"]
+        assert svc.health()["status"] == "ok"
     finally:
+        monkeypatch.setattr(os, "fdatasync", real)
         svc.close()
+    assert [e.id for e in wrap(base, memory=tmp_path / "m").memory.list()] == [eid]
