@@ -130,7 +130,8 @@ def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) 
         if size > MAX_IMAGE_BYTES:
             raise ImageError(f"{str(path)!r}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_IMAGE_BYTES + 1)  # a file grown since stat is still refused by size
         except OSError as e:  # permissions, or the file vanished after stat
             raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
         return image_from_bytes(data, repr(str(path)))
