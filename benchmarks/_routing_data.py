@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from esg_memory.eval.data import subject_of, subject_png
+from esg_memory.eval.textside import SubjectTextEncoder
 from esg_memory.images import load_image
 
 __all__ = [
@@ -24,9 +23,6 @@ __all__ = [
     "subject_png",
 ]
 
-_COCO = re.compile(r"(\d{6,})\.(?:jpg|png)$")
-
-
 # ----------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class Rec:
@@ -38,15 +34,6 @@ class Rec:
     subject_rephrase: str
     loc_q: str
     loc_subject: str
-
-
-def subject_of(path: str) -> str:
-    if path.startswith("m."):
-        return path.split("/")[0]
-    m = _COCO.search(path)
-    if not m:
-        raise ValueError(f"cannot find a subject id in {path!r}")
-    return f"coco:{int(m.group(1))}"
 
 
 def load_records(data: Path) -> dict[str, list[Rec]]:
@@ -81,87 +68,6 @@ def load_pools(data: Path) -> tuple[list, list]:
     okp = [(subject_of(r["image"]), r["question"]) for r in ok]
     h1, h2 = len(nq) // 2, len(okp) // 2
     return ([(None, q) for q in nq[:h1]] + okp[:h2]), ([(None, q) for q in nq[h1:]] + okp[h2:])
-
-
-def subject_png(subject: str) -> bytes:
-    seed = int.from_bytes(hashlib.sha256(subject.encode()).digest()[:8], "little")
-    px = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(px).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class SubjectTextEncoder:
-    """KeyEncoder for the text-side mode: MiniLM text + seeded subject-id image vectors (see module doc)."""
-
-    def __init__(self, text_encoder, image_weight: float = 0.5) -> None:
-        self.text = text_encoder
-        self.dim = int(text_encoder.dim)
-        self.image_weight = image_weight
-        self.name = f"bench-subject-id+{text_encoder.name}:iw={image_weight}"
-        self._img: dict[str, np.ndarray] = {}
-        self._txt: dict[str, np.ndarray] = {}
-
-    def text_vectors(self, texts: list[str]) -> np.ndarray:
-        missing = sorted({t for t in texts if t not in self._txt})
-        for start in range(0, len(missing), 256):
-            chunk = missing[start : start + 256]
-            for t, v in zip(chunk, self.text.encode_texts(chunk), strict=True):
-                self._txt[t] = v
-        return np.stack([self._txt[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-
-    def load_cache(self, path: Path) -> None:
-        """Reuse text embeddings of an earlier run (same text encoder only): MiniLM on 2 cores is slow."""
-        if not path.exists():
-            return
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["name"]) != self.text.name:
-                return
-            for t, v in zip(z["texts"].tolist(), z["vecs"], strict=True):
-                self._txt[t] = v
-
-    def save_cache(self, path: Path) -> None:
-        texts = sorted(self._txt)
-        np.savez(
-            path,
-            name=np.asarray(self.text.name),
-            texts=np.asarray(texts),
-            vecs=np.stack([self._txt[t] for t in texts]),
-        )
-
-    def _image_vec(self, image) -> np.ndarray:
-        data = image if isinstance(image, bytes) else load_image(image).data
-        h = hashlib.sha256(data).hexdigest()
-        v = self._img.get(h)
-        if v is None:
-            px = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8).tobytes()
-            seed = int.from_bytes(hashlib.sha256(px).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim)
-            v = (v / np.linalg.norm(v)).astype(np.float32)
-            self._img[h] = v
-        return v
-
-    def encode(self, images, texts) -> np.ndarray:
-        images, texts = list(images), list(texts)
-        tmask = [t is not None for t in texts]
-        tv = self.text_vectors([t for t in texts if t is not None]) if any(tmask) else None
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        j = 0
-        for i, (im, t) in enumerate(zip(images, texts, strict=True)):
-            v = np.zeros(self.dim, dtype=np.float64)
-            if t is not None:
-                v += (1 - self.image_weight if im is not None else 1.0) * tv[j]
-                j += 1
-            if im is not None:
-                v += (self.image_weight if t is not None else 1.0) * self._image_vec(im)
-            out[i] = v / np.linalg.norm(v)
-        return out
-
-    def encode_images(self, images) -> np.ndarray:
-        return self.encode(images, [None] * len(images))
-
-    def encode_texts(self, texts) -> np.ndarray:
-        return self.encode([None] * len(texts), texts)
 
 
 class PixelFeatureTextEncoder(SubjectTextEncoder):

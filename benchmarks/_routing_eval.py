@@ -5,45 +5,10 @@ from __future__ import annotations
 import numpy as np
 from _routing_data import Rec
 
+# The baseline rules live in the evaluation harness; re-exported here for the benchmarks.
+from esg_memory.eval.baselines import calibrate_global, grace_radii, nearest_rule
+
 __all__ = ["build_probes", "calibrate_global", "grace_radii", "metrics", "nearest_rule"]
-
-
-# ----------------------------------------------------------------------------- routing rules
-def nearest_rule(anchors: np.ndarray, q: np.ndarray, thr: np.ndarray | float | None) -> np.ndarray:
-    """Index of the best-margin anchor per query, -1 when out of every scope (thr None: always nearest)."""
-    if anchors.shape[0] == 0:
-        return np.full(q.shape[0], -1)
-    s = q @ anchors.T
-    if thr is None:
-        return np.argmax(s, axis=1)
-    m = s - np.broadcast_to(np.asarray(thr, dtype=np.float32), (anchors.shape[0],))[None, :]
-    j = np.argmax(m, axis=1)
-    return np.where(m[np.arange(q.shape[0]), j] >= 0, j, -1)
-
-
-def calibrate_global(anchors: np.ndarray, pool: np.ndarray, margin: float, budget: float = 0.0) -> float:
-    """One threshold from the same locality pool our scopes see: the lowest value under which at most
-    ``budget`` of the pool routes anywhere (``budget=0``: none; 0.01: the 1% leak target)."""
-    best = (pool @ anchors.T).max(axis=1)
-    return float(np.quantile(best, 1.0 - budget, method="higher")) + margin
-
-
-def grace_radii(anchors: np.ndarray, answers: list[str], eps0: float) -> np.ndarray:
-    """GRACE's deferral radii (cosine distance): new keys start at eps0; a new key inside an existing
-    key's radius grows it when the answers agree and halves both to the gap when they conflict."""
-    eps = np.zeros(anchors.shape[0])
-    for i in range(anchors.shape[0]):
-        eps[i] = eps0
-        if i == 0:
-            continue
-        d = 1.0 - anchors[:i] @ anchors[i]
-        j = int(np.argmin(d))
-        if d[j] < eps[j] + eps[i]:
-            if answers[j] == answers[i]:
-                eps[j] = max(eps[j], float(d[j]))
-            else:
-                eps[j] = eps[i] = float(d[j]) / 2
-    return 1.0 - eps  # as cosine thresholds
 
 
 # ----------------------------------------------------------------------------- evaluation

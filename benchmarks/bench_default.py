@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the routing benchmark's baseline rules
 
 log = logging.getLogger("bench_default")
 
@@ -168,39 +167,6 @@ PARAPHRASES = {
 }
 
 
-class _FixedRouter:
-    """Memory stand-in for :class:`EditedModel`: routes the next batch as a baseline rule decided.
-
-    Everything but ``route`` is the real memory's (edits, stored adapters), so a baseline's answers
-    are generated with exactly the adapter of the edit its rule picked, injected the same way.
-    """
-
-    def __init__(self, memory, edit_ids: np.ndarray):
-        self._memory, self._ids = memory, np.asarray(edit_ids, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._memory)
-
-    def __getattr__(self, name: str):
-        return getattr(self._memory, name)
-
-    def route(self, images=None, texts=None, *, keys=None):
-        n = len(texts) if texts is not None else len(keys)
-        if n != len(self._ids):
-            raise ValueError(f"fixed routing holds {len(self._ids)} rows, the batch has {n}")
-        return _Routed(self._ids)
-
-
-class _Routed:
-    """The part of a ``RouteResult`` that ``EditedModel`` reads when injecting."""
-
-    def __init__(self, ids: np.ndarray):
-        self.edit_ids = ids
-
-    def __len__(self) -> int:
-        return int(self.edit_ids.shape[0])
-
-
 def _plan_edits(test, n_edits: int, seed: int) -> list[dict]:
     """One edit per subject (colour and shape questions alternating) and its probes.
 
@@ -256,9 +222,9 @@ def edit_stream(train, test, n_edits: int, seed: int) -> dict:
     the same for every router: they depend only on the edit). Routing-level rates come with them.
     """
     import torch
-    from _routing_eval import calibrate_global, grace_radii, nearest_rule
 
     from esg_memory.encoders import ClipKeyEncoder
+    from esg_memory.eval.baselines import RoutedMemory, calibrate_global, grace_radii, nearest_rule
     from esg_memory.memory import EditMemory
     from esg_memory.model import EditedModel
     from esg_memory.pretrained import (
@@ -344,7 +310,7 @@ def edit_stream(train, test, n_edits: int, seed: int) -> dict:
         if name.startswith("ours (shipped"):
             after = ask()
         else:
-            real, em.memory = em.memory, _FixedRouter(mem, r)
+            real, em.memory = em.memory, RoutedMemory(mem, r)
             try:
                 after = ask()
             finally:

@@ -231,6 +231,43 @@ def cmd_bench(s: _Session, args: argparse.Namespace) -> int:
     return int(rc or 0)
 
 
+def cmd_eval(s: _Session, args: argparse.Namespace) -> int:
+    from .eval import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        kind=args.kind,
+        data=args.data,
+        image_root=args.image_root,
+        pool_dir=args.pool_dir,
+        model=args.eval_model or args.model,
+        # the global --clip has a default; only an explicit choice overrides the per-kind encoder
+        clip=args.eval_clip or (args.clip if args.clip != DEFAULT_ENCODER else None),
+        edits=args.edits,
+        protocol=args.protocol,
+        seed=args.seed,
+        big=args.big,
+        tune=args.tune,
+        batch_size=args.batch_size,
+        revise_rate=args.revise_rate,
+        delete_rate=args.delete_rate,
+        methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else EvalConfig.methods,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    res = run_eval(cfg, Path(args.out), progress=not (args.json or args.no_progress))
+    if args.json:
+        keys = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
+        summary = {
+            m: {p: ({k: v[p][k] for k in keys} if v[p] else None) for p in ("immediate", "retention")}
+            for m, v in res["methods"].items()
+        }
+        _emit(args, {"out": str(args.out), "files": res["files"], "methods": summary})
+    else:
+        print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+        print(f"wrote {', '.join(res['files'])} to {args.out}")
+    return EXIT_OK
+
+
 def cmd_demo(s: _Session, args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -321,10 +358,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add_serve_arguments(sub.add_parser("serve", help="HTTP service (needs the [serve] extra)"))
     sp.set_defaults(func=lambda s, a: run_from_args(a))
 
+    _add_eval_parser(sub)
+
     sp = sub.add_parser("demo", help="the product's story on the embedded default models")
     sp.add_argument("--out", default="esg-demo-out", help="where the report goes")
     sp.set_defaults(func=cmd_demo)
     return p
+
+
+def _add_eval_parser(sub: Any) -> None:
+    from .eval.data import DATA_KINDS
+
+    sp = sub.add_parser(
+        "eval",
+        help="evaluation harness: EasyEdit-style metrics, edit streams, baselines (docs/eval.md)",
+    )
+    sp.add_argument("--data", help="JSON file of edit records (not needed for --kind easyvqa)")
+    sp.add_argument("--kind", choices=DATA_KINDS, default="easyvqa", help="record format (default easyvqa)")
+    sp.add_argument("--model", dest="eval_model", default=None, help="ID|PATH|tiny-llava (default: --model)")
+    sp.add_argument(
+        "--clip", dest="eval_clip", default=None,
+        help="NAME[:WEIGHTS] key encoder (default by kind: esg-easyvqa-clip, subject-id+minilm or minilm)",
+    )
+    sp.add_argument("--edits", type=int, default=100, help="stream length N (> 1000 needs --big)")
+    sp.add_argument("--protocol", choices=["immediate", "retention", "both"], default="both")
+    sp.add_argument("--out", default="esg-eval-out", help="output directory")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--image-root", help="where the records' image paths resolve (else text-side mode)")
+    sp.add_argument("--pool-dir", help="directory with the MMEdit locality pools (default: ../.. of --data)")
+    sp.add_argument("--big", action="store_true", help="allow streams over 1000 edits (the 10 000 stream)")
+    sp.add_argument("--tune", choices=["sync", "never"], default="sync", help="tune adapters (default sync)")
+    sp.add_argument("--batch-size", type=int, default=16, help="most probes per model call (default 16)")
+    sp.add_argument("--revise-rate", type=float, default=0.1, help="revisions per add (default 0.1)")
+    sp.add_argument("--delete-rate", type=float, default=0.05, help="deletions per add (default 0.05)")
+    sp.add_argument("--methods", help="comma-separated subset of the methods (must include ours)")
+    sp.add_argument("--device", default="cpu", help="model and encoder device, e.g. cuda (default cpu)")
+    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (HF models)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_eval)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

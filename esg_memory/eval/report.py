@@ -1,0 +1,167 @@
+"""What a run leaves behind: ``results.json``, ``results.md`` (tables) and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from index._fs import atomic_write_bytes
+
+__all__ = ["environment", "render_markdown", "strip_timings", "write_outputs"]
+
+_COLS = (
+    ("reliability", "Rel"),
+    ("t_gen", "T-Gen"),
+    ("i_gen", "I-Gen"),
+    ("t_loc", "T-Loc"),
+    ("m_loc", "M-Loc"),
+    ("portability", "Port"),
+    ("hard_loc", "hard-neg loc"),
+)
+_EM = (
+    ("reliability_em", "Rel EM"),
+    ("t_gen_em", "T-Gen EM"),
+    ("i_gen_em", "I-Gen EM"),
+    ("portability_em", "Port EM"),
+    ("loc_unchanged", "loc answers unchanged"),
+)
+_PACKAGES = ("esg-memory", "torch", "transformers", "open_clip_torch", "faiss-cpu", "numpy", "easy-vqa")
+
+
+def environment() -> dict[str, str | None]:
+    """Python and package versions (None for packages not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def strip_timings(results: dict[str, Any]) -> dict[str, Any]:
+    """The results without wall-clock figures (what must be equal between two runs of one seed)."""
+    return {k: v for k, v in results.items() if k != "timings"}
+
+
+def _f(v: Any) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    d, s = res["data"], res["stream"]
+    lines = [
+        f"# Evaluation: {d['source']} ({d['image_mode']} images), {s['n_adds']} edits",
+        "",
+        f"Model `{res['model']['spec']}` ({res['model']['model_type']}), "
+        f"encoder `{res['model']['encoder']}`, "
+        f"seed {res['seed']}; stream: {s['n_adds']} adds, {s['n_revisions']} revisions, "
+        f"{s['n_deletions']} deletions. Token accuracy (EasyEdit), locality vs the pre-edit model "
+        "(T-Loc top-1, M-Loc top-10); same adapters for every method, only the routing rule differs.",
+    ]
+    for proto in ("immediate", "retention"):
+        rows = {m: v[proto] for m, v in res["methods"].items() if v.get(proto)}
+        if not rows:
+            continue
+        lines += [
+            "",
+            f"## {proto}",
+            "",
+            "| method | " + " | ".join(c for _, c in _COLS) + " | audit correct / under / over / fail |",
+            "|---|" + "---|" * (len(_COLS) + 1),
+        ]
+        for m, v in rows.items():
+            a = v["audit"]
+            aud = " / ".join(_f(a[k]) for k in ("correct", "under", "over", "fail"))
+            lines.append(f"| {m} | " + " | ".join(_f(v[k]) for k, _ in _COLS) + f" | {aud} |")
+        lines += [
+            "",
+            "| method | " + " | ".join(c for _, c in _EM) + " | right edit fired | loc: any edit fired |",
+            "|---|" + "---|" * (len(_EM) + 2),
+        ]
+        for m, v in rows.items():
+            r = v["routing"]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(_f(v[k]) for k, _ in _EM)
+                + f" | {_f(r['right_edit'])} | {_f(r['loc_any_edit'])} |"
+            )
+    lines += [
+        "",
+        "## audits",
+        "",
+        "| method | interaction: moved / degraded / improved | deletion residue right after: text / "
+        "tokens / bits (routed) | at end: text / tokens / bits (routed) |",
+        "|---|---|---|---|",
+    ]
+    for m, v in res["methods"].items():
+        it, de = v.get("interaction"), v["deletion"]
+        its = "—" if not it else f"{_f(it['moved'])} / {_f(it['degraded'])} / {_f(it['improved'])}"
+        cells = []
+        for part in ("right_after", "final"):
+            x = de[part]
+            cells.append(f"{_f(x['text'])} / {_f(x['tokens'])} / {_f(x['bits'])} ({_f(x['routed'])})")
+        lines.append(f"| {m} | {its} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        f"{de['n_deleted']} deleted edits; residue counts their probes that no longer answer exactly as "
+        "the pre-edit model (0 is exact); 'routed' = some other edit fired on them.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plots(res: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    curve = res["curve"]
+    proto = "retention" if any(p["methods"]["ours"]["retention"] for p in curve) else "immediate"
+    keys = [k for k, _ in _COLS[:5]] + ["hard_loc"]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    xs = [p["n_edits"] for p in curve]
+    for ax, key in zip(axes.ravel(), keys, strict=True):
+        for m in res["methods"]:
+            ys = [p["methods"][m][proto][key] if p["methods"][m][proto] else None for p in curve]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=m)
+        ax.set(title=f"{key} ({proto})", xlabel="# edits", ylim=(-0.02, 1.02))
+        if len(xs) > 1 and max(xs) / max(min(xs), 1) >= 10:
+            ax.set_xscale("log")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metrics_vs_edits.png", dpi=110)
+    plt.close(fig)
+    written.append("metrics_vs_edits.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), squeeze=False)
+    colours = {"correct": "#2ca02c", "under": "#1f77b4", "over": "#d62728", "fail": "#7f7f7f"}
+    for ax, p in zip(axes[0], ("immediate", "retention"), strict=True):
+        names = [m for m, v in res["methods"].items() if v.get(p)]
+        left = [0.0] * len(names)
+        for c, col in colours.items():
+            vals = [res["methods"][m][p]["audit"][c] or 0.0 for m in names]
+            ax.barh(names, vals, left=left, color=col, label=c)
+            left = [a + b for a, b in zip(left, vals, strict=True)]
+        ax.set(title=f"scope audit ({p}), share of successful edits", xlim=(0, 1))
+        ax.invert_yaxis()
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "scope_audit.png", dpi=110)
+    plt.close(fig)
+    written.append("scope_audit.png")
+    return written
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    """``results.json`` (atomic), ``results.md`` and the PNG plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["files"] = ["results.json", "results.md", *_plots(results, out)]
+    atomic_write_bytes(out / "results.md", render_markdown(results).encode("utf-8"))
+    atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, sort_keys=False).encode("utf-8"))

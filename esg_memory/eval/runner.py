@@ -1,0 +1,387 @@
+"""``run_eval``: one evaluation run, from data to ``results.json``, a markdown table and plots.
+
+A run (see docs/eval.md): load the data and the model; plan the seeded edit stream (adds with
+revisions and deletions); encode every probe once; compute the *pre-edit* outputs of every
+(probe, target) the stream will ever score, before any edit exists; then apply the stream through an
+``EditedModel`` (tuned adapters), scoring
+
+- **immediate**: each edit's probes right after it is added (every method, same state);
+- **retention**: every live edit's probes at checkpoints N = 1, 10, 100, 1000 (10 000) and at the end;
+- **interaction**: how each live edit's outcomes moved between its immediate and its final scoring;
+- **deletion residue**: deleted edits' probes against the pre-edit outputs, right after the delete
+  and at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import ConfigError
+from .aggregate import aggregate, deletion_audit, interaction_audit, probe_record
+from .baselines import METHODS, KeyViews, baseline_route
+from .data import EvalDataset, load_dataset
+from .protocols import Op, Scorer, plan_stream
+
+__all__ = ["CHECKPOINTS", "EvalConfig", "run_eval"]
+
+logger = logging.getLogger(__name__)
+
+#: Stream sizes at which retention is measured (those below N, and N itself).
+CHECKPOINTS = (1, 10, 100, 1000, 10000)
+_BIG = 1000
+_GEN = ("reliability", "t_gen", "i_gen")
+
+
+@dataclass
+class EvalConfig:
+    """Everything that determines a run's results (recorded in ``results.json``)."""
+
+    kind: str = "easyvqa"
+    """Data kind: vqa, caption, vlkeb, counterfact, zsre, easyvqa."""
+    data: str | None = None
+    """JSON file of records (not needed for easyvqa)."""
+    image_root: str | None = None
+    """Directory the records' relative image paths resolve under; None: text-side mode."""
+    pool_dir: str | None = None
+    """Directory holding the MMEdit locality pools; None: two levels above ``data``."""
+    model: str = "tiny-llava"
+    """Model spec for ``load_base_model`` (registered name, local directory or HF id)."""
+    clip: str | None = None
+    """Key encoder spec; None: by kind (easyvqa: esg-easyvqa-clip; text-side: subject-id+minilm;
+    counterfact/zsre: minilm; real images: esg-easyvqa-clip — pass a real CLIP there)."""
+    edits: int = 100
+    """Stream length N (number of edits added)."""
+    protocol: Literal["immediate", "retention", "both"] = "both"
+    seed: int = 0
+    big: bool = False
+    """Allow N > 1000 (the 10 000 stream)."""
+    revise_rate: float = 0.1
+    """Chance, after each add, that an earlier live edit is corrected again (a revision)."""
+    delete_rate: float = 0.05
+    """Chance, after each add, that an earlier live edit is deleted."""
+    tune: Literal["sync", "never"] = "sync"
+    """Adapters tuned to an exact match (``sync``) or compiled only (``never``; faster, weaker)."""
+    batch_size: int = 16
+    """Most probes per model call. Rows are batched only with rows of the same routing decision, target
+    length and prompt length, so nothing is padded; on CPU that keeps each row's logits bit-identical to
+    a single-row run (checked in the tests). On a GPU, kernels may differ with the batch size: use 1
+    when the bit-level residue column matters there."""
+    methods: tuple[str, ...] = METHODS
+    budget: float = 0.01
+    """Pool share the global-threshold baselines may let in when calibrated."""
+    device: str = "cpu"
+    """Where the model and the key encoder run (``"cuda"`` on a GPU; passed as ``device_map``)."""
+    dtype: str | None = None
+    """Model dtype for ``from_pretrained`` (``"float16"``, ``"bfloat16"``); None: the model's default."""
+
+    def validate(self) -> None:
+        if self.protocol not in ("immediate", "retention", "both"):
+            raise ConfigError(f"protocol must be immediate, retention or both, not {self.protocol!r}")
+        if self.edits < 1:
+            raise ConfigError("edits must be >= 1")
+        if self.edits > _BIG and not self.big:
+            raise ConfigError(f"streams over {_BIG} edits need big=True (--big)")
+        if self.tune not in ("sync", "never"):
+            raise ConfigError(f"tune must be 'sync' or 'never', not {self.tune!r}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or "ours" not in self.methods:
+            raise ConfigError(f"methods must include 'ours' and come from {', '.join(METHODS)}; got {bad}")
+
+
+def _encoder_spec(cfg: EvalConfig, ds: EvalDataset) -> str:
+    if cfg.clip:
+        return cfg.clip
+    if ds.kind == "easyvqa":
+        return "esg-easyvqa-clip"
+    if ds.image_mode == "text-side":
+        return "subject-id+minilm"
+    if ds.image_mode == "none":
+        return "minilm"
+    return "esg-easyvqa-clip"
+
+
+def _load_encoder(spec: str, device: str = "cpu") -> Any:
+    from ..encoders import create_encoder
+    from .textside import TEXT_SIDE_PREFIX, SubjectTextEncoder
+
+    if spec.startswith(TEXT_SIDE_PREFIX):
+        return SubjectTextEncoder(_load_encoder(spec[len(TEXT_SIDE_PREFIX) :], device))
+    if device == "cpu":
+        return create_encoder(spec)
+    try:
+        return create_encoder(spec, device=device)
+    except TypeError:
+        raise ConfigError(f"encoder {spec!r} cannot be placed on {device!r}") from None
+
+
+def _hf_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if cfg.device != "cpu":
+        kw["device_map"] = cfg.device
+    if cfg.dtype:
+        kw["dtype"] = cfg.dtype
+    return kw
+
+
+class _Run:
+    """State of one run: probes, keys, the stream's live edits, and per-method results."""
+
+    def __init__(self, cfg: EvalConfig, ds: EvalDataset, em: Any, enc: Any):
+        self.cfg, self.ds, self.em, self.enc = cfg, ds, em, enc
+        self.methods = [m for m in METHODS if m in cfg.methods]
+        self.images: list[Any] = []
+        self.questions: list[str] = []
+        self.kinds: list[str] = []
+        self.owner: list[int] = []
+        self.fixed: list[str | None] = []
+        self.by_case: list[list[int]] = []
+        for c, case in enumerate(ds.cases):
+            ids = []
+            for p in [*case.generalization_probes(), *case.locality_probes(), *case.portability]:
+                ids.append(len(self.images))
+                self.images.append(p.image)
+                self.questions.append(p.question)
+                self.kinds.append(p.kind)
+                self.owner.append(c)
+                self.fixed.append(p.target)
+            self.by_case.append(ids)
+        self.keys = KeyViews.encode(enc, self.images, self.questions)
+        self.pool = KeyViews.encode(enc, [im for im, _ in ds.pool], [t for _, t in ds.pool])
+        self.anchor_probe = [ids[0] for ids in self.by_case]  # the reliability probe = the edit's input
+        self.answer = [case.target for case in ds.cases]
+        self.eid: dict[int, int] = {}
+        self.version: dict[int, int] = {}
+        self.live: list[int] = []
+        self.scorer = Scorer(em, cfg.batch_size)
+        self.pre: dict = {}
+
+    def target(self, p: int) -> str:
+        return self.fixed[p] if self.fixed[p] is not None else self.answer[self.owner[p]]
+
+    def pre_items(self, ops: list[Op]) -> list[tuple[int, Any, str, str]]:
+        """Every (probe, target) the stream will score: fixed targets, plus every answer a case will have."""
+        answers: dict[int, set[str]] = {c: {case.target} for c, case in enumerate(self.ds.cases)}
+        for op in ops:
+            if op.kind == "revise":
+                answers[op.case].add(op.answer)
+        items = []
+        for p in range(len(self.images)):
+            ts = [self.fixed[p]] if self.fixed[p] is not None else sorted(answers[self.owner[p]])
+            items += [(p, self.images[p], self.questions[p], t) for t in ts]
+        return items
+
+    # ---- routing and scoring -------------------------------------------------------------------
+    def route(self, method: str, probes: list[int]) -> np.ndarray:
+        q = self.keys.take(np.asarray(probes, dtype=np.int64))
+        if method == "ours":
+            if not len(self.em.memory):
+                return np.full(len(probes), -1)
+            return np.asarray(self.em.memory.route(keys=q.joint).edit_ids, dtype=np.int64)
+        live = self.live
+        anchors = self.keys.take(np.asarray([self.anchor_probe[c] for c in live], dtype=np.int64))
+        idx = baseline_route(
+            method,
+            anchors,
+            [self.answer[c] for c in live],
+            q,
+            self.pool,
+            self.em.memory.config.margin,
+            self.cfg.budget,
+            self.em.memory.config.min_threshold,
+        )
+        ids = np.asarray([self.eid[c] for c in live] + [-1], dtype=np.int64)
+        return ids[idx]
+
+    def score(self, probes: list[int]) -> dict[str, list[dict]]:
+        """Per method, one record per probe under the current state (``ours`` first: the real path)."""
+        out: dict[str, list[dict]] = {}
+        if not probes:
+            return {m: [] for m in self.methods}
+        items = [(p, self.images[p], self.questions[p], self.target(p)) for p in probes]
+        case_of = {e: c for c, e in self.eid.items()}
+        for m in self.methods:
+            ids = self.route(m, probes)
+            vers = [self.version.get(case_of.get(int(e), -1), 0) if e >= 0 else 0 for e in ids]
+            outs = self.scorer.post(items, self.keys.joint, ids, vers, real=m == "ours")
+            out[m] = [
+                probe_record(
+                    self.kinds[p],
+                    self.target(p),
+                    o,
+                    self.pre.get((p, self.target(p))),
+                    int(e),
+                    self.eid.get(self.owner[p], -2),
+                    self.owner[p],
+                    p,
+                )
+                for p, o, e in zip(probes, outs, ids, strict=True)
+            ]
+        return out
+
+
+def run_eval(
+    config: EvalConfig | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    dataset: EvalDataset | None = None,
+    model: tuple[Any, Any] | None = None,
+    encoder: Any = None,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one evaluation; write ``results.json``, ``results.md`` and plots to ``out_dir`` (if given).
+
+    ``dataset``, ``model`` (``(base, processor)``) and ``encoder`` override what ``config`` names
+    (tests and notebooks that already hold them). Returns the results dict.
+    """
+    from ..loading import load_base_model, new_memory
+    from ..memory import EditMemory
+    from ..model import EditedModel
+    from .report import environment, write_outputs
+
+    cfg = config or EvalConfig()
+    cfg.validate()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    ds = dataset or load_dataset(
+        cfg.kind, cfg.data, cfg.image_root, limit=cfg.edits, seed=cfg.seed, pool_dir=cfg.pool_dir
+    )
+    if len(ds.cases) < cfg.edits:
+        logger.warning("the data holds %d edits, fewer than the %d asked for", len(ds.cases), cfg.edits)
+    ds.cases = ds.cases[: cfg.edits]
+    spec = _encoder_spec(cfg, ds)
+    enc = encoder if encoder is not None else _load_encoder(spec, cfg.device)
+    base, processor = model if model is not None else load_base_model(cfg.model, **_hf_kwargs(cfg))
+    if ds.kind == "easyvqa" and spec == "esg-easyvqa-clip":  # its domain pool and config
+        mem = new_memory(enc, spec)
+    else:
+        mem = EditMemory(enc, locality_pool=ds.pool or None)
+    em = EditedModel.wrap(base, processor, memory=mem, encoder=enc)
+    timings["load_s"] = time.perf_counter() - t_start
+
+    t = time.perf_counter()
+    run = _Run(cfg, ds, em, enc)
+    ops = plan_stream(run.answer, [c.revisions for c in ds.cases], cfg.seed, cfg.revise_rate, cfg.delete_rate)
+    timings["encode_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run.pre = run.scorer.pre(run.pre_items(ops), run.keys.joint)
+    timings["pre_edit_s"] = time.perf_counter() - t
+
+    immediate: dict[str, list[dict]] = {m: [] for m in run.methods}
+    latest_immediate: dict[str, dict[int, list[dict]]] = {m: {} for m in run.methods}
+    deleted: list[int] = []
+    del_immediate: dict[str, list[dict]] = {m: [] for m in run.methods}
+    curve: list[dict] = []
+    n = len(ds.cases)
+    checkpoints = sorted({c for c in CHECKPOINTS if c < n} | {n})
+    do_imm = cfg.protocol in ("immediate", "both")
+    do_ret = cfg.protocol in ("retention", "both")
+    edit_s: list[float] = []
+    bar = _progress(len(ops), progress)
+    n_added = 0
+    final_ret: dict[str, list[dict]] | None = None
+    for k, op in enumerate(ops):
+        case = ds.cases[op.case]
+        t = time.perf_counter()
+        if op.kind == "add":
+            run.eid[op.case] = em.add_edit(case.image, case.question, case.target, tune=cfg.tune)
+            run.version[op.case] = 1
+            run.live.append(op.case)
+            n_added += 1
+        elif op.kind == "revise":
+            run.version[op.case] = em.revise_edit(run.eid[op.case], tune=cfg.tune, answer=op.answer)
+            run.answer[op.case] = op.answer
+        else:
+            em.delete_edit(run.eid[op.case])
+            run.live.remove(op.case)
+            deleted.append(op.case)
+        edit_s.append(time.perf_counter() - t)
+        if op.kind in ("add", "revise") and do_imm:
+            recs = run.score(run.by_case[op.case])
+            for m in run.methods:
+                if op.kind == "add":
+                    immediate[m] += recs[m]
+                latest_immediate[m][op.case] = recs[m]
+        elif op.kind == "delete":
+            gen = [p for p in run.by_case[op.case] if run.kinds[p] in _GEN]
+            for m, recs in run.score(gen).items():
+                del_immediate[m] += recs
+        last_of_step = k + 1 == len(ops) or ops[k + 1].kind == "add"
+        if last_of_step and n_added in checkpoints:
+            point: dict[str, Any] = {"n_edits": n_added, "live": len(run.live), "methods": {}}
+            ret = run.score([p for c in run.live for p in run.by_case[c]]) if do_ret else None
+            for m in run.methods:
+                point["methods"][m] = {
+                    "immediate": aggregate(immediate[m]) if do_imm else None,
+                    "retention": aggregate(ret[m]) if ret is not None else None,
+                }
+            curve.append(point)
+            final_ret = ret
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(edits=n_added, live=len(run.live))
+        if echo is not None and op.kind == "add" and n_added in checkpoints:
+            echo(f"{n_added} edits: checkpoint scored")
+    if bar is not None:
+        bar.close()
+    timings["stream_s"] = time.perf_counter() - t_start - sum(timings.values())
+    del_final = run.score([p for c in deleted for p in run.by_case[c] if run.kinds[p] in _GEN])
+
+    methods: dict[str, Any] = {}
+    for m in run.methods:
+        methods[m] = {
+            "immediate": aggregate(immediate[m]) if do_imm else None,
+            "retention": aggregate(final_ret[m]) if do_ret else None,
+            "interaction": (
+                interaction_audit(latest_immediate[m], final_ret[m]) if do_imm and do_ret else None
+            ),
+            "deletion": deletion_audit(del_immediate[m], del_final[m], len(deleted)),
+        }
+    results: dict[str, Any] = {
+        "format": "esg-memory-eval",
+        "format_version": 1,
+        "seed": cfg.seed,
+        "config": {**asdict(cfg), "methods": list(run.methods), "encoder_spec": spec},
+        "data": {
+            "kind": ds.kind,
+            "source": ds.source,
+            "image_mode": ds.image_mode,
+            "n_cases": n,
+            "n_probes": len(run.images),
+            "pool_size": len(ds.pool),
+        },
+        "model": {"spec": cfg.model, "model_type": em.family.model_type, "encoder": enc.name},
+        "stream": {
+            "n_adds": n,
+            "n_revisions": sum(o.kind == "revise" for o in ops),
+            "n_deletions": len(deleted),
+            "checkpoints": checkpoints,
+        },
+        "methods": methods,
+        "curve": curve,
+        "versions": environment(),
+        "timings": {
+            **timings,
+            "edit_op_median_s": float(np.median(edit_s)) if edit_s else None,
+            "model_runs": run.scorer.runs,
+            "total_s": time.perf_counter() - t_start,
+        },
+    }
+    if out_dir is not None:
+        write_outputs(results, Path(out_dir))
+    return results
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="edit stream", unit="op")

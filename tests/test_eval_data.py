@@ -1,0 +1,156 @@
+"""Evaluation-harness loaders on small fixtures derived from ../shared/data (see fixtures/eval/README.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from esg_memory.errors import ImageError
+from esg_memory.eval import DatasetError, load_dataset, load_mmedit, load_text_records, load_vlkeb, subject_of
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+
+
+def test_mmedit_vqa_text_side_mode():
+    ds = load_mmedit(FIX / "mmedit_vqa.json", "vqa")
+    assert ds.image_mode == "text-side" and len(ds.cases) == 4
+    c = ds.cases[0]
+    raw = json.loads((FIX / "mmedit_vqa.json").read_text())[0]
+    assert (c.question, c.target, c.rephrase, c.pred) == (
+        raw["src"],
+        raw["alt"],
+        raw["rephrase"],
+        raw["pred"],
+    )
+    assert (
+        c.loc.question == "who got the first nobel prize in physics"
+    )  # "nq question: " dropped
+    assert c.loc.image is None and c.loc.target == raw["loc_ans"]
+    assert (c.m_loc.question, c.m_loc.target) == (raw["m_loc_q"], raw["m_loc_a"])
+    # image_rephrase is generated from the same COCO photo: same subject, same placeholder picture
+    assert subject_of(raw["image"]) == subject_of(raw["image_rephrase"]) == "coco:58350"
+    assert isinstance(c.image, bytes) and c.image_rephrase == (c.image,)
+    assert c.m_loc.image != c.image  # another subject: another placeholder, never a blank one
+    Image.open(io.BytesIO(c.image)).verify()
+    assert [p.kind for p in c.generalization_probes()] == ["reliability", "t_gen", "i_gen"]
+    assert c.portability == () and c.revisions and c.target not in c.revisions
+
+
+def test_caption_and_vlkeb_portability():
+    cap = load_mmedit(FIX / "mmedit_caption.json", "caption")
+    assert {c.question for c in cap.cases} == {"a photo of"} and cap.cases[0].source == "E-IC"
+    vl = load_vlkeb(FIX / "vlkeb_onehop.json")
+    c = vl.cases[0]
+    assert c.subject == "m.010rvx" and len(c.portability) == 1
+    p = c.portability[0]
+    assert p.kind == "portability" and p.image == c.image and p.target == "United States"
+    assert all(case.portability == () for case in load_vlkeb(FIX / "vlkeb_eval.json").cases)
+
+
+def test_text_records():
+    zs = load_text_records(FIX / "zsre.json", "zsre")
+    assert zs.image_mode == "none" and len(zs.cases) == 3
+    c = zs.cases[0]
+    assert c.image is None and c.target == "English" and c.loc.target == "Kevin Peter Hall"
+    assert [p.kind for p in c.generalization_probes()] == ["reliability", "t_gen"]
+    assert c.m_loc is None and c.image_rephrase == ()
+    assert len(load_text_records(FIX / "counterfact.json", "counterfact").cases) == 2
+
+
+def test_image_root_resolves_files_and_names_a_missing_one(tmp_path):
+    recs = json.loads((FIX / "mmedit_vqa.json").read_text())[:1]
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps(recs))
+    root = tmp_path / "images"
+    for rel in (recs[0]["image"], recs[0]["image_rephrase"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(root / rel, format="PNG")
+    with pytest.raises(ImageError, match=r"COCO_val2014_000000339761\.jpg.*not found"):
+        load_mmedit(data, "vqa", image_root=root)  # m_loc's picture is missing
+    (root / recs[0]["m_loc"]).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(root / recs[0]["m_loc"], format="PNG")
+    ds = load_mmedit(data, "vqa", image_root=root)
+    assert ds.image_mode == "files" and ds.cases[0].image == str(root / recs[0]["image"])
+    with pytest.raises(ImageError, match="not a directory"):
+        load_mmedit(data, "vqa", image_root=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda r: r.pop("alt"), r"record 1: missing field 'alt'"),
+        (lambda r: r.update(src=""), r"record 1: field 'src' must be a non-empty str"),
+        (lambda r: r.update(m_loc_a=3), r"record 1: field 'm_loc_a'"),
+        (lambda r: r.update(port_new={"port_q": "x"}), r"record 1: field 'port_new' must be a list"),
+        (lambda r: r.update(port_new=[{"port_q": "x"}]), r"record 1 port_new\[0\]: missing field 'port_a'"),
+    ],
+)
+def test_bad_records_name_the_record_and_field(tmp_path, mutate, match):
+    recs = json.loads((FIX / "vlkeb_onehop.json").read_text())
+    mutate(recs[1])
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(recs))
+    with pytest.raises(DatasetError, match=match):
+        load_vlkeb(f)
+
+
+def test_unreadable_files_and_text_fields(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_mmedit(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not readable JSON"):
+        load_mmedit(tmp_path / "x.json")
+    (tmp_path / "d.json").write_text(json.dumps({"src": "a"}))
+    with pytest.raises(DatasetError, match="non-empty JSON list"):
+        load_mmedit(tmp_path / "d.json")
+    (tmp_path / "z.json").write_text(json.dumps([{"prompt": "p", "subject": "s", "target_new": "t"}]))
+    with pytest.raises(DatasetError, match="record 0: missing field 'rephrase_prompt'"):
+        load_text_records(tmp_path / "z.json", "zsre")
+    (tmp_path / "s.json").write_text(
+        json.dumps([{**json.loads((FIX / "mmedit_vqa.json").read_text())[0], "image": "pictures/cat.jpg"}])
+    )
+    with pytest.raises(Exception, match="cannot find a subject id"):
+        load_mmedit(tmp_path / "s.json")
+
+
+def test_load_dataset_with_pool_and_limit():
+    ds = load_dataset("vqa", FIX / "mmedit_vqa.json", limit=2, pool_dir=FIX / "pool")
+    assert len(ds.cases) == 2 and len(ds.pool) == 12  # 6 NQ questions + 6 OK-VQA (text-side pictures)
+    assert sum(im is None for im, _ in ds.pool) == 6
+    zs = load_dataset("zsre", FIX / "zsre.json", pool_dir=FIX / "pool")
+    assert len(zs.pool) == 6 and all(im is None for im, _ in zs.pool)
+    with pytest.raises(DatasetError, match="needs --data"):
+        load_dataset("vqa")
+    with pytest.raises(Exception, match="unknown data kind"):
+        load_dataset("mmedit")
+
+
+def test_easyvqa_set_structure():
+    pytest.importorskip("easy_vqa")
+    from esg_memory.pretrained import derive_subjects  # noqa: F401  (the set's subjects come from it)
+
+    ds = load_dataset("easyvqa", limit=30, seed=1)
+    assert ds.image_mode == "files" and len(ds.cases) == 30 and len(ds.pool) == 48
+    pairs = {(c.subject, c.question) for c in ds.cases}
+    assert len(pairs) == 30  # no (subject, question family) edited twice
+    for c in ds.cases:
+        assert len(c.image_rephrase) == 2 and c.image not in c.image_rephrase
+        assert c.target != c.pred and c.rephrase != c.question
+        kinds = {p.kind: p for p in c.hard}
+        if "hard_same_image" in kinds:
+            assert kinds["hard_same_image"].image == c.image
+            assert kinds["hard_same_image"].question != c.question
+        if "hard_same_question" in kinds:
+            assert kinds["hard_same_question"].question == c.question
+            assert kinds["hard_same_question"].image != c.image
+        assert c.loc.image is None
+    assert [c.uid for c in load_dataset("easyvqa", limit=30, seed=1).cases] == [c.uid for c in ds.cases]
+    assert [c.question for c in load_dataset("easyvqa", limit=30, seed=2).cases] != [
+        c.question for c in ds.cases
+    ]
+    with pytest.raises(Exception, match=r"1\.\.312"):
+        load_dataset("easyvqa", limit=313)

@@ -1,0 +1,163 @@
+"""The evaluation harness end to end: tiny runs producing every file, determinism, the CLI, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esg_memory.cli import EXIT_OK, EXIT_REFUSED, main
+from esg_memory.errors import ConfigError, InvalidInputError
+from esg_memory.eval import METHODS, EvalConfig, run_eval, strip_timings
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+FILES = {"results.json", "results.md", "metrics_vs_edits.png", "scope_audit.png"}
+METRICS = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The embedded easy-vqa LLaVA and CLIP, loaded once for the module."""
+    pytest.importorskip("easy_vqa")
+    from esg_memory.loading import load_base_model, load_encoder
+
+    return load_base_model("tiny-llava"), load_encoder("esg-easyvqa-clip")
+
+
+def test_easyvqa_run_writes_every_file_and_is_deterministic(tmp_path, shipped):
+    model, enc = shipped
+    # compiled adapters (tune="never") keep this fast; revisions and deletions are forced in
+    cfg = EvalConfig(kind="easyvqa", edits=10, tune="never", seed=5, revise_rate=0.4, delete_rate=0.5)
+    r1 = run_eval(cfg, tmp_path / "a", progress=False, model=model, encoder=enc)
+    assert {p.name for p in (tmp_path / "a").iterdir()} == FILES
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert on_disk["seed"] == 5 and on_disk["config"]["edits"] == 10
+    assert on_disk["versions"]["torch"] and on_disk["versions"]["python"]
+    assert on_disk["data"]["image_mode"] == "files" and on_disk["stream"]["n_adds"] == 10
+    assert on_disk["stream"]["n_revisions"] > 0 and on_disk["stream"]["n_deletions"] > 0
+    assert set(on_disk["methods"]) == set(METHODS)
+    for m in METHODS:
+        for proto in ("immediate", "retention"):
+            v = on_disk["methods"][m][proto]
+            assert set(METRICS) <= set(v) and v["portability"] is None  # easy-vqa has no portability
+            assert 0 <= v["reliability"] <= 1 and v["m_loc"] is not None
+    assert [p["n_edits"] for p in on_disk["curve"]] == [1, 10]
+    bare = on_disk["methods"]["bare"]
+    # the bare model run after the stream answers every probe exactly as before it: no residue at all
+    assert bare["retention"]["t_loc"] == bare["retention"]["m_loc"] == bare["retention"]["hard_loc"] == 1.0
+    assert bare["deletion"]["final"]["bits"] == 0.0 and bare["retention"]["routing"]["right_edit"] == 0.0
+    ours = on_disk["methods"]["ours"]
+    assert ours["retention"]["routing"]["right_edit"] > 0.5
+    d = ours["deletion"]
+    assert d["n_deleted"] == on_disk["stream"]["n_deletions"] and d["final"]["n_probes"] > 0
+    if d["final"]["routed"] == 0.0:  # nothing else fires on a deleted edit's probes: exact, bit for bit
+        assert d["final"]["bits"] == 0.0
+    assert on_disk["methods"]["always_nearest"]["retention"]["routing"]["loc_any_edit"] == 1.0
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert "## immediate" in md and "## retention" in md and "| ours |" in md
+
+    r2 = run_eval(cfg, tmp_path / "b", progress=False, model=model, encoder=enc)
+    assert strip_timings(r1) == strip_timings(r2)
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert strip_timings(again) == strip_timings(on_disk)
+
+
+def test_pre_edit_outputs_only_before_editing(shipped):
+    from esg_memory.eval.protocols import Scorer
+    from esg_memory.loading import new_memory
+    from esg_memory.model import EditedModel
+
+    (base, proc), enc = shipped
+    em = EditedModel.wrap(base, proc, memory=new_memory(enc, "esg-easyvqa-clip"), encoder=enc)
+    pic = str(Path(__file__).parent / "fixtures" / "easyvqa" / "test_4.png")
+    scorer = Scorer(em)
+    keys = enc.encode([pic], ["what shape is in the image?"])
+    pre = scorer.pre([(0, pic, "what shape is in the image?", "oval")], keys)
+    assert pre[(0, "oval")].stage == "pre"
+    em.add_edit(pic, "what shape is in the image?", "oval", tune="never")
+    with pytest.raises(InvalidInputError, match="before the first edit"):
+        scorer.pre([(0, pic, "what shape is in the image?", "oval")], keys)
+    # post outputs: routed to the edit (fixed) vs to none, cached per (probe, target, edit, version)
+    eid = em.memory.list()[0].id
+    inj, bare = (
+        scorer.post([(0, pic, "what shape is in the image?", "oval")], keys, [e], [v], real=False)[0]
+        for e, v in ((eid, 1), (-1, 0))
+    )
+    assert inj.stage == bare.stage == "post" and inj.digest != bare.digest
+    assert bare.digest == pre[(0, "oval")].digest  # the bare path is bit-identical to the pre-edit run
+    runs = scorer.runs
+    scorer.post([(0, pic, "what shape is in the image?", "oval")], keys, [eid], [1], real=True)
+    assert scorer.runs == runs  # served from the cache
+
+
+def test_cli_text_side_run_with_tuned_adapters(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "--json",
+            "eval",
+            "--kind",
+            "vqa",
+            "--data",
+            str(FIX / "mmedit_vqa.json"),
+            "--pool-dir",
+            str(FIX / "pool"),
+            "--model",
+            "tiny-random-llava",
+            "--clip",
+            "subject-id+esg-easyvqa-clip",
+            "--edits",
+            "3",
+            "--protocol",
+            "retention",
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--methods",
+            "bare,ours,always_nearest",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == EXIT_OK, captured.err
+    summary = json.loads(captured.out)
+    assert set(summary["files"]) == FILES and {p.name for p in out.iterdir()} == FILES
+    res = json.loads((out / "results.json").read_text())
+    assert res["data"]["image_mode"] == "text-side" and res["config"]["encoder_spec"].startswith(
+        "subject-id+"
+    )
+    assert list(res["methods"]) == ["bare", "ours", "always_nearest"]
+    ours = res["methods"]["ours"]
+    assert ours["immediate"] is None and ours["interaction"] is None
+    # adapters tuned to an exact match: every live edit's own input gives its new answer
+    assert ours["retention"]["reliability_em"] == 1.0 and ours["retention"]["reliability"] == 1.0
+    assert summary["methods"]["ours"]["retention"]["t_loc"] is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["eval", "--kind", "vqa"], "needs --data PATH"),
+        (["eval", "--kind", "vlkeb", "--data", "/nonexistent/eval.json"], "does not exist"),
+        (["eval", "--edits", "2000"], "need big=True"),
+        (["eval", "--methods", "bare,grace"], "must include 'ours'"),
+        (
+            ["eval", "--kind", "vqa", "--data", str(FIX / "mmedit_vqa.json"), "--image-root", "/nonexistent"],
+            "not a directory",
+        ),
+    ],
+)
+def test_cli_refusals_are_one_line(capsys, argv, match):
+    assert main(argv) == EXIT_REFUSED
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esg-memory: error:") and match in err and "\n" not in err
+
+
+def test_config_validation():
+    for bad in (dict(protocol="later"), dict(edits=0), dict(tune="background"), dict(methods=("x",))):
+        with pytest.raises(ConfigError):
+            EvalConfig(**bad).validate()
+    EvalConfig(edits=5000, big=True).validate()
+    assert np.all(np.asarray(METHODS) != "")
