@@ -248,7 +248,8 @@ class Durable:
         if not cfg.compact_bytes or self.writer is None or self.writer.bytes_since_rotate < cfg.compact_bytes:
             return
         if not cfg.background:
-            self.compact(mem)
+            # inline, but never waiting for a compaction another thread runs (it waits for our lock)
+            self.compact(mem, blocking=False)
             return
         if self._thread is not None and self._thread.is_alive():
             return
@@ -268,10 +269,16 @@ class Durable:
             t.join()
 
     # -- compaction
-    def compact(self, mem: EditMemory) -> int:
-        """Snapshot + truncate the journal (see the module docstring); returns the snapshot's lsn."""
+    def compact(self, mem: EditMemory, blocking: bool = True) -> int | None:
+        """Snapshot + truncate the journal (see the module docstring); returns the snapshot's lsn.
+
+        Lock order: the compaction mutex, then the memory's writer lock. ``blocking=False`` (used
+        by a writer that already holds the writer lock) skips when another compaction runs.
+        """
         self._check()
-        with self._compact_mutex:
+        if not self._compact_mutex.acquire(blocking=blocking):
+            return None
+        try:
             with mem._wlock:
                 w = self._check()
                 lsn = w.next_lsn - 1
@@ -285,6 +292,8 @@ class Durable:
             self.compactions += 1
             self.last_compact_error = None
             return lsn
+        finally:
+            self._compact_mutex.release()
 
     def _capture(self, mem: EditMemory, lsn: int) -> SimpleNamespace:
         tmp_index = self.path / f".compact-{lsn}.index"
