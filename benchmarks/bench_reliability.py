@@ -6,10 +6,12 @@ Three parts, each a pass/fail count rather than a speed:
    argument structures on `EditMemory`; `load_image` with ``..``/symlink escapes; `ScopedIndex`;
    `EditedModel` on the tiny LLaVA; the tiny CLIP encoder), damaged memory and index directories
    (``tests/_fuzz_files.py``: truncation, foreign and newer formats, traversal names, ``--flips``
-   seeded random bit flips), and ``--random`` seeded random byte strings and damaged PNGs given as
-   images. Each case must raise a typed error (`EsgMemoryError`, or `ScopedIndexError` for the index)
-   and leave the state it was called on unchanged (a full fingerprint before and after); a random
-   flip may instead load into exactly the pristine state (the bit carried no data). Reported: cases
+   seeded random bit flips; durable directories: flips and cuts in the journal and snapshot), and
+   ``--random`` seeded random byte strings and damaged PNGs given as images. Each case must raise a
+   typed error (`EsgMemoryError`, or `ScopedIndexError` for the index) and leave the state it was
+   called on unchanged (a full fingerprint before and after); a random flip may instead load into
+   exactly the pristine state (the bit carried no data), and damage inside a durable directory's
+   last journal record may drop just that record (the journal's torn-write rule). Reported: cases
    tried and how each category was refused, by error type.
 2. **Concurrency** — ``tests/_concurrency_oracle.py``: writer threads add, revise and delete edits
    while others route and generate; every read is checked against a serial replay of the writes
@@ -108,6 +110,13 @@ def run_fuzz(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], floa
         outcomes.append(run_case(c, lambda: index_state(ix)))
     for c in loader_cases(mem, work / "files", seed=args.seed, n_flips=args.flips):
         outcomes.append(run_case(c, lambda: memory_state(mem)))
+    try:
+        from tests._fuzz_files import durable_cases
+
+        for c in durable_cases(work / "durable", seed=args.seed, n_flips=args.flips):
+            outcomes.append(run_case(c, lambda: ""))
+    except ImportError:  # a tree without the durable journal
+        pass
     outcomes += _random_images(args.random, args.seed)
 
     from esg_memory.memory import EditMemory

@@ -289,3 +289,10 @@ def test_pil_image_limits_apply_before_conversion():
     big = Image.new("1", (9000, 9000))  # 10 MB as 1-bit; 243 MB if converted to RGB first
     with pytest.raises(ImageError, match="pixel limit"):
         load_image(big)
+
+
+def test_durable_directories_refuse_damage_or_drop_only_a_torn_last_record(tmp_path):
+    from tests._fuzz_files import durable_cases
+
+    cases = durable_cases(tmp_path, seed=0, n_flips=12)
+    _assert_all_refused([run_case(c, lambda: "") for c in cases])
