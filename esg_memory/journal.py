@@ -201,6 +201,10 @@ class JournalGapError(FormatError):
 def read_journal(jdir: Path, after: int) -> tuple[list[tuple[int, bytes]], list[Segment]]:
     """Records with lsn > ``after`` (consecutive from ``after + 1``) and the parsed segments."""
     segs = list_segments(jdir)
+    if not segs:
+        # a durable directory always has a segment from its snapshot's lsn + 1 on (opening and
+        # compaction create it before anything else): none at all means the journal was lost
+        raise JournalGapError(f"journal: no segment in {jdir} (records after lsn {after} are missing)")
     # segments wholly at or below the snapshot are leftovers of a compaction that was cut short
     start = 0
     for i, (first, _) in enumerate(segs):

@@ -342,6 +342,8 @@ def durable_cases(work: Path, seed: int = 0, n_flips: int = 16) -> list[BadCase]
         )
     variants += [
         ("snapshot removed", lambda d: shutil.rmtree(d / "snapshot"), False),
+        ("journal directory removed", lambda d: shutil.rmtree(d / "journal"), False),
+        ("journal segment removed", lambda d: (d / rel).unlink(), False),
         (
             "garbage segment after the last",
             lambda d: (d / "journal" / f"{10**19:020d}.wal").write_bytes(b"junk"),
