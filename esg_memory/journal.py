@@ -203,8 +203,8 @@ def read_journal(jdir: Path, after: int) -> tuple[list[tuple[int, bytes]], list[
     segs = list_segments(jdir)
     if not segs:
         # a durable directory always has a segment from its snapshot's lsn + 1 on (opening and
-        # compaction create it before anything else): none at all means the journal was lost
-        raise JournalGapError(f"journal: no segment in {jdir} (records after lsn {after} are missing)")
+        # compaction create it before anything else, even mid-compaction): none means it was lost
+        raise FormatError(f"journal: no segment in {jdir} (records after lsn {after} are missing)")
     # segments wholly at or below the snapshot are leftovers of a compaction that was cut short
     start = 0
     for i, (first, _) in enumerate(segs):
