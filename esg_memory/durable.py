@@ -50,7 +50,7 @@ from .journal import (
     live_records,
     read_journal,
 )
-from .journal import apply_record as _apply_record
+from .journal import replay as _replay
 
 if TYPE_CHECKING:
     from .memory import EditMemory
@@ -169,8 +169,7 @@ def load_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str |
             if pos is None:
                 raise FormatError(f"{snap}: a durable snapshot must record its journal position")
             records, segs = read_journal(path / JOURNAL, pos["lsn"])
-            for lsn, doc, tensors in live_records(records):
-                _apply_record(mem, lsn, doc, tensors)
+            _replay(mem, live_records(records))
             last = records[-1][0] if records else pos["lsn"]
             mem._origin = (str(path.resolve()), pos["lineage"], last)
             if records:

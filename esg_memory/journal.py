@@ -408,65 +408,105 @@ def _blobs_of(lsn: int, doc: dict, tensors: dict[str, np.ndarray]) -> dict[str, 
 
 def apply_record(mem: EditMemory, lsn: int, doc: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
     """Re-apply one journaled write to ``mem`` exactly as it was applied live (no re-encoding)."""
+    replay(mem, [(lsn, doc, tensors)])
+
+
+def replay(mem: EditMemory, records: list[tuple[int, dict, dict]]) -> None:
+    """Re-apply journaled writes (in lsn order, aborts removed) to ``mem``, coalesced.
+
+    Each edit's *last* recorded state is decoded and installed once (a stream of writes re-fits
+    the same neighbours again and again), in one commit. The bookkeeping that depends on order
+    (next id, retired ids, attachments set / copied to a new version / dropped with their edit) is
+    replayed record by record, exactly as the live writes did it (see EditMemory.add_many,
+    _new_version, delete, attach). Images: every record's new ones are kept, then those no edit
+    references are dropped once at the end — the same set the live deletes' collections leave,
+    since an image stops being referenced only when the edits holding it are deleted.
+    """
     try:
-        _apply(mem, lsn, doc, tensors)
+        _replay(mem, records)
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise FormatError(f"journal record {lsn} is inconsistent: {type(e).__name__}: {e}") from None
+        lsn = records[-1][0] if records else 0
+        raise FormatError(f"journal records up to {lsn} are inconsistent: {type(e).__name__}: {e}") from None
 
 
-def _apply(mem: EditMemory, lsn: int, doc: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+def _replay(mem: EditMemory, records: list[tuple[int, dict, dict]]) -> None:
+    import hashlib
+
     from .store import edit_from_doc, tensor_reader
 
-    op = doc["op"]
-    kind = op["op"]
-    if doc["kind"] == "attach":
-        eid, ver, name = int(op["edit_id"]), int(op["version"]), str(op["kind"])
+    dim = int(mem.encoder.dim)
+    final: dict[int, tuple[int, dict, dict] | None] = {}
+    with_vec: dict[int, tuple[int, dict, dict]] = {}  # last recorded vectors per edit
+    versions: dict[int, int | None] = {}  # current version per edit as of the record being replayed
+    blobs: dict[str, bytes] = {}
+    atts = mem._attachments
+
+    def version_of(eid: int) -> int | None:
+        if eid in versions:
+            return versions[eid]
         st = mem._edits.get(eid)
-        if st is None or not 1 <= ver <= st.current.version:
-            raise FormatError(f"journal record {lsn}: attachment for unknown edit/version {eid}/{ver}")
-        data = tensors["attachment"].tobytes()
-        import hashlib
+        return None if st is None else st.current.version
 
-        if hashlib.sha256(data).hexdigest() != op["sha256"]:
-            raise FormatError(f"journal record {lsn}: attachment fails its checksum")
-        with mem._lock:
-            mem._attachments[(eid, ver, name)] = data
-        return
-    get = tensor_reader(tensors, int(mem.encoder.dim), f"journal record {lsn}")
-    over: dict[int, EditState | None] = {}
-    changed: set[int] = set()
-    for e in doc["states"]:
-        eid = int(e["id"])
-        base = mem._edits.get(eid)
-        st = edit_from_doc(e, get, None if base is None else base.vec)
-        over[eid] = st
-        if "cand_labels" in e:
-            changed.add(eid)
-    for eid in doc["deleted"]:
-        if int(eid) not in mem._edits:
-            raise FormatError(f"journal record {lsn}: deletes unknown edit {eid}")
-        over[int(eid)] = None
-    blobs = _blobs_of(lsn, doc, tensors)
-
-    def after() -> None:
-        # the same bookkeeping the live write did in its commit (see EditMemory.add_many/
-        # _new_version/delete); tests/test_journal.py checks replay == live state
+    for lsn, doc, tensors in records:
+        op = doc["op"]
+        kind = op["op"]
+        if doc["kind"] == "attach":
+            eid, ver, name = int(op["edit_id"]), int(op["version"]), str(op["kind"])
+            cur = version_of(eid)
+            if cur is None or not 1 <= ver <= cur:
+                raise FormatError(f"journal record {lsn}: attachment for unknown edit/version {eid}/{ver}")
+            data = tensors["attachment"].tobytes()
+            if hashlib.sha256(data).hexdigest() != op["sha256"]:
+                raise FormatError(f"journal record {lsn}: attachment fails its checksum")
+            atts[(eid, ver, name)] = data
+            continue
+        if kind not in ("add_many", "new_version", "delete", "feedback"):
+            raise FormatError(f"journal record {lsn}: unknown operation {kind!r}")
+        for e in doc["states"]:
+            eid = int(e["id"])
+            final[eid] = (lsn, e, tensors)
+            if "cand_labels" in e:
+                with_vec[eid] = (lsn, e, tensors)
+            elif version_of(eid) is None:
+                raise FormatError(f"journal record {lsn}: re-fits edit {eid}, which does not exist")
+            versions[eid] = len(e["versions"])
+        for eid in (int(x) for x in doc["deleted"]):
+            if version_of(eid) is None:
+                raise FormatError(f"journal record {lsn}: deletes unknown edit {eid}")
+            final[eid] = None
+            with_vec.pop(eid, None)
+            versions[eid] = None
+        blobs.update(_blobs_of(lsn, doc, tensors))
         if kind == "add_many":
             mem._next_id = max([mem._next_id, *(int(e["edit_id"]) + 1 for e in op["edits"])])
         elif kind == "new_version" and op.get("attachments_from") is not None:
             eid, src, dst = int(op["edit_id"]), int(op["attachments_from"]), int(op["version"]["version"])
-            for (e, ver, k), data in list(mem._attachments.items()):
+            for (e, ver, k), data in list(atts.items()):
                 if e == eid and ver == src:
-                    mem._attachments[(eid, dst, k)] = data
+                    atts[(eid, dst, k)] = data
         elif kind == "delete":
             eid = int(op["edit_id"])
             mem._retired.add(eid)
-            for k in [k for k in mem._attachments if k[0] == eid]:
-                del mem._attachments[k]
-            mem._gc_blobs()
+            for k in [k for k in atts if k[0] == eid]:
+                del atts[k]
 
-    if kind not in ("add_many", "new_version", "delete", "feedback"):
-        raise FormatError(f"journal record {lsn}: unknown operation {kind!r}")
-    mem._apply(_ReplayPlan(over, changed), blobs, after)
+    over: dict[int, EditState | None] = {}
+    changed: set[int] = set()
+    for eid, got in final.items():
+        if got is None:
+            if eid in mem._edits:
+                over[eid] = None
+            continue
+        lsn, e, tensors = got
+        vec = None
+        if eid in with_vec and "cand_labels" not in e:
+            vlsn, ve, vt = with_vec[eid]
+            vec = edit_from_doc(ve, tensor_reader(vt, dim, f"journal record {vlsn}")).vec
+        elif "cand_labels" not in e:
+            vec = mem._edits[eid].vec
+        over[eid] = edit_from_doc(e, tensor_reader(tensors, dim, f"journal record {lsn}"), vec)
+        if eid in with_vec:
+            changed.add(eid)
+    mem._apply(_ReplayPlan(over, changed), blobs, mem._gc_blobs)

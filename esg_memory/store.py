@@ -3,7 +3,9 @@
 Layout (format version 1)::
 
     memory.json          format, format_version, encoder name/dim, config, next_id, retired ids,
-                         edits (with every version and its scope), attachment list, file checksums
+                         edits (with every version and its scope), attachment list, file checksums;
+                         in a durable directory's snapshot also ``journal: {lsn, lineage}`` (the
+                         last journal record it holds; see `esg_memory.durable`)
     keys.safetensors     per edit: candidates, own negatives, question embedding, thresholds; the pool
     blobs/<sha256>       every stored image once, named by the SHA-256 of its bytes
     attachments/<file>   opaque per-(edit, version, kind) bytes
@@ -29,12 +31,12 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from index import ScopedIndex
-from index._fs import atomic_directory, recover_dir
+from index._fs import NotReplaceableError, atomic_directory, check_replaceable, recover_dir
 from index.errors import ScopedIndexError
 
 from ._memory_state import EditState, EditVectors
 from ._memory_util import check_encoder
-from .errors import ConfigError, EncoderMismatchError, FormatError
+from .errors import ConfigError, EncoderMismatchError, FormatError, InvalidInputError
 from .scope import ScopeFit, pairwise_sims
 from .types import EditVersion, MemoryConfig
 
@@ -156,6 +158,9 @@ def save_memory(mem: EditMemory, path: Path, journal: dict[str, Any] | None = No
     ``journal`` (``{"lsn", "lineage"}``) marks a durable snapshot: the journal records it already
     holds (see `esg_memory.journal`); a plain export has none.
     """
+    if path.exists() and not path.is_dir():
+        # atomic_directory renames whatever is at ``path`` away: never a file or a device (/dev/null!)
+        raise ConfigError(f"{str(path)!r} exists and is not a directory; refusing to replace it")
     tensors: dict[str, np.ndarray] = {
         "pool": np.ascontiguousarray(mem._pool, dtype=np.float32),
         "pool_images": np.ascontiguousarray(mem._pool_image_vecs, dtype=np.float32),
@@ -197,7 +202,11 @@ def save_memory(mem: EditMemory, path: Path, journal: dict[str, Any] | None = No
     if journal is not None:
         doc["journal"] = dict(journal)
     doc["checksum"] = doc_checksum(doc)
-    with atomic_directory(path) as tmp:
+    try:
+        check_replaceable(path, "memory.json")
+    except NotReplaceableError as e:
+        raise InvalidInputError(f"cannot save the memory there: {e}") from None
+    with atomic_directory(path, "memory.json") as tmp:
         (tmp / "keys.safetensors").write_bytes(keys_bytes)
         (tmp / "blobs").mkdir()
         for sha, data in mem._blobs.items():

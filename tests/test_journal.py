@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -123,6 +124,33 @@ def test_auto_compaction_in_background_and_inline(tmp_path):
         assert fingerprint(EditMemory.load(path, ENC), tmp_path) == fingerprint(mem, tmp_path)
         mem.close()
         assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_readers_racing_compactions_see_whole_prefixes(tmp_path):
+    path = tmp_path / "m"
+    mem = new_durable(path, compact_bytes=6000, background=True)
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for k in range(20):
+                mem.add(None, f"question number {k}?", f"answer {k}")
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    seen = []
+    while not done.is_set():
+        ids = sorted(e.id for e in EditMemory.load(path, ENC).list())
+        assert ids == list(range(len(ids)))  # every load: exactly the writes acknowledged so far, in order
+        seen.append(len(ids))
+        time.sleep(0.02)  # leave the writer most of the GIL
+    t.join()
+    mem._durable.wait()
+    assert mem._durable.compactions >= 2 and len(set(seen)) > 1
+    mem.close()
+    assert len(EditMemory.load(path, ENC)) == 20
 
 
 # ------------------------------------------------------------------------------------ damaged journals
@@ -277,6 +305,13 @@ def test_closed_and_readonly_memories_refuse_writes(tmp_path):
     with pytest.raises(ConfigError, match="not an esg-memory directory"):
         EditMemory.open(tmp_path / "thesis", ENC)
     assert [p.name for p in (tmp_path / "thesis").iterdir()] == ["chapter1.txt"]
+    # a save never swaps away a file (or a device: atomic_directory renames what is there)
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a directory"):
+        EditMemory(ENC, CFG).save(tmp_path / "a-file")
+    with pytest.raises(ConfigError, match="not a directory"):
+        EditMemory.open(tmp_path / "a-file", ENC)
+    assert (tmp_path / "a-file").read_text() == "keep me"
 
 
 def test_make_durable_resumes_or_replaces(tmp_path):

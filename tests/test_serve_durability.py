@@ -21,6 +21,14 @@ Q = "what color is the shape?"
 PURPLE = png_bytes((160, 32, 200), "circle")
 GREEN = png_bytes((20, 180, 40), "rect")
 
+@pytest.fixture(scope="module")
+def base():
+    from esg_memory.loading import load_base_model, load_encoder
+
+    model, processor = load_base_model("tiny-random-llava")
+    return model, processor, load_encoder("esg-tiny-clip")
+
+
 _SERVER = """
 import os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -40,8 +48,7 @@ with running_server(app) as url:
 """
 
 
-def test_sigkilled_server_restarts_with_every_acknowledged_write(tmp_path):
-    from esg_memory.loading import load_base_model, load_encoder
+def test_sigkilled_server_restarts_with_every_acknowledged_write(base, tmp_path):
     from esg_memory.model import EditedModel, EditedModelConfig
     from esg_memory.serve import create_app
 
@@ -70,9 +77,9 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(tmp_path):
         proc.wait()
     snapshot = json.loads((mem / "memory" / "snapshot" / "memory.json").read_text())
     assert snapshot["edits"] == [] and any((mem / "memory" / "journal").iterdir())
-    model, processor = load_base_model("tiny-random-llava")
+    model, processor, enc = base
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
-    em = EditedModel.wrap(model, processor, memory=mem, encoder=load_encoder("esg-tiny-clip"), config=cfg)
+    em = EditedModel.wrap(model, processor, memory=mem, encoder=enc, config=cfg)
     assert {e.id: (e.version, e.answer) for e in em.memory.list()} == acked
     # the dead server's locks are gone: a new writable server starts and serves the edits
     with running(create_app(em, mem, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -88,14 +95,12 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(tmp_path):
     assert os.path.getsize(next((mem / "memory" / "journal").glob("*.wal"))) == 24
 
 
-def test_edited_model_on_a_durable_directory(tmp_path):
+def test_edited_model_on_a_durable_directory(base, tmp_path):
     from esg_memory.errors import LockError
-    from esg_memory.loading import load_base_model, load_encoder
     from esg_memory.memory import EditMemory
     from esg_memory.model import ADAPTER_KIND, EditedModel, EditedModelConfig
 
-    model, processor = load_base_model("tiny-random-llava")
-    enc = load_encoder("esg-tiny-clip")
+    model, processor, enc = base
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
     d = tmp_path / "wrapped"
     em = EditedModel.wrap(model, processor, memory=d, encoder=enc, config=cfg, durable=True)
