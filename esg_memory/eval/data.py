@@ -372,6 +372,8 @@ def load_dataset(
     if kind == "easyvqa":
         from .easyvqa import easyvqa_dataset
 
+        if path is not None:
+            logger.warning("--kind easyvqa is built in; ignoring the data path %s", path)
         return easyvqa_dataset(limit if limit is not None else 100, seed=seed)
     if path is None:
         raise DatasetError(f"--kind {kind} needs --data PATH (a JSON file of records)")

@@ -244,10 +244,12 @@ def run_eval(
     from ..loading import load_base_model, new_memory
     from ..memory import EditMemory
     from ..model import EditedModel
-    from .report import environment, write_outputs
+    from .report import check_plotting, environment, write_outputs
 
     cfg = config or EvalConfig()
     cfg.validate()
+    if out_dir is not None:
+        check_plotting()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     ds = dataset or load_dataset(
