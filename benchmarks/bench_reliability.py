@@ -106,7 +106,7 @@ def run_fuzz(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], floa
     for c in image_cases(work / "images"):
         outcomes.append(run_case(c, lambda: ""))
     ix = fuzz_index()
-    for c in index_cases(ix):
+    for c in index_cases(ix, work / "index"):
         outcomes.append(run_case(c, lambda: index_state(ix)))
     for c in loader_cases(mem, work / "files", seed=args.seed, n_flips=args.flips):
         outcomes.append(run_case(c, lambda: memory_state(mem)))

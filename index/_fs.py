@@ -15,7 +15,39 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "fsync_dir", "recover_dir"]
+__all__ = [
+    "NotReplaceableError",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "check_replaceable",
+    "fsync_dir",
+    "recover_dir",
+]
+
+
+class NotReplaceableError(FileExistsError):
+    """The target of a directory save exists and is not something that save may replace."""
+
+
+def check_replaceable(path: str | os.PathLike, marker: str | None = None) -> None:
+    """Refuse to let a save replace anything but a missing path, an empty directory or its own kind.
+
+    ``atomic_directory`` swaps the target out as a whole and deletes it, so a mistyped path must
+    never be a file, a device, a symlink, or (with ``marker``) a non-empty directory without the
+    ``marker`` file that every directory of that kind has (``memory.json``, ``index.json``, ...).
+    """
+    path = Path(path)
+    if "\x00" in str(path):
+        raise NotReplaceableError(f"{str(path)!r}: a path cannot contain NUL")
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise NotReplaceableError(f"{str(path)!r} exists and is not a directory; refusing to replace it")
+    if marker is not None and not (path / marker).is_file() and any(path.iterdir()):
+        raise NotReplaceableError(
+            f"{str(path)!r} is a non-empty directory without {marker!r}, not one written here; "
+            "refusing to replace it (choose a new or empty directory)"
+        )
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -65,14 +97,17 @@ def recover_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, marker: str | None = None) -> Iterator[Path]:
     """Yield an empty temp directory; on success it replaces ``path`` as a whole.
 
-    On an exception nothing at ``path`` changes and the temp directory is removed.
+    On an exception nothing at ``path`` changes and the temp directory is removed. ``path`` must
+    pass `check_replaceable` (with ``marker``), else `NotReplaceableError` before anything is written.
     """
+    check_replaceable(path, marker)
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
+    check_replaceable(path, marker)  # what recover_dir put back
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

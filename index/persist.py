@@ -27,9 +27,9 @@ import faiss
 import numpy as np
 
 from . import backends as _bk
-from ._fs import atomic_directory, recover_dir
+from ._fs import NotReplaceableError, atomic_directory, check_replaceable, recover_dir
 from ._table import KeyTable
-from .errors import IndexFormatError, ScopedIndexError
+from .errors import IndexFormatError, InvalidArgumentError, ScopedIndexError
 
 if TYPE_CHECKING:
     from .scoped import ScopedIndex
@@ -70,7 +70,11 @@ def save_index(ix: ScopedIndex, path: str | os.PathLike) -> None:
                   for name, b in blobs.items()},
     }
     meta["checksum"] = _meta_checksum(meta)
-    with atomic_directory(path) as tmp:
+    try:
+        check_replaceable(path, "index.json")
+    except NotReplaceableError as e:
+        raise InvalidArgumentError(f"cannot save the index there: {e}") from None
+    with atomic_directory(path, "index.json") as tmp:
         for name, data in blobs.items():
             (tmp / name).write_bytes(data)
         (tmp / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

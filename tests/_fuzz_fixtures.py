@@ -46,6 +46,8 @@ __all__ = [
     "memory_state",
     "png_header",
     "run_case",
+    "save_targets",
+    "save_targets_intact",
     "summarize",
 ]
 
@@ -467,10 +469,47 @@ def memory_cases(mem: EditMemory, info: SimpleNamespace, tmp: Path) -> list[BadC
     }
     for name, fn in structural.items():
         add("structure", name, fn)
+    for name, target in save_targets(tmp / "targets").items():
+        add("save targets", f"save({name})", lambda target=target: mem.save(target))
     return cases
 
 
-def index_cases(ix: ScopedIndex) -> list[BadCase]:
+def save_targets(tmp: Path) -> dict[str, Path]:
+    """Paths a directory save must refuse to replace (a save swaps its target out and deletes it)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    f = tmp / "precious.txt"
+    f.write_text("user data")
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    (home / "notes.txt").write_text("keep me")
+    link = tmp / "link-to-home"
+    if not link.is_symlink():
+        link.symlink_to(home)
+    fifo = tmp / "fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return {
+        "a regular file": f,
+        "a FIFO": fifo,
+        "a non-empty directory of something else": home,
+        "a symlink to a directory": link,
+        "a path with NUL": Path("mem\x00dir"),
+    }
+
+
+def save_targets_intact(tmp: Path) -> bool:
+    """Every `save_targets` path is still what it was."""
+    return (
+        (tmp / "precious.txt").read_text() == "user data"
+        and (tmp / "home" / "notes.txt").read_text() == "keep me"
+        and sorted(os.listdir(tmp / "home")) == ["notes.txt"]
+        and (tmp / "link-to-home").is_symlink()
+        and (tmp / "fifo").exists()
+        and not (tmp / "fifo").is_dir()
+    )
+
+
+def index_cases(ix: ScopedIndex, tmp: Path | None = None) -> list[BadCase]:
     """ScopedIndex writes and reads with bad ids, arrays and thresholds (typed `ScopedIndexError`)."""
     d = ix.dim
     one = np.ones((1, d))
@@ -531,4 +570,7 @@ def index_cases(ix: ScopedIndex) -> list[BadCase]:
     add("ScopedIndex(dim=0)", lambda: ScopedIndex(0))
     add("ScopedIndex(dim=True)", lambda: ScopedIndex(True))
     add("ScopedIndex(backend='bogus')", lambda: ScopedIndex(4, backend="bogus"))
+    if tmp is not None:
+        for name, target in save_targets(tmp / "index-targets").items():
+            add(f"save({name})", lambda target=target: ix.save(target))
     return cases

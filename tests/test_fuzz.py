@@ -31,6 +31,7 @@ from tests._fuzz_fixtures import (
     memory_state,
     png_header,
     run_case,
+    save_targets_intact,
     summarize,
 )
 from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image
@@ -60,6 +61,7 @@ def test_memory_catalogue_refused_and_state_unchanged(fm, tmp_path):
     assert len(cases) > 300
     assert {c.category for c in cases} >= {"ids", "texts", "images", "arrays", "structure"}
     _assert_all_refused([run_case(c, lambda: memory_state(mem)) for c in cases])
+    assert save_targets_intact(tmp_path / "targets"), "a refused save damaged what was at its target"
     # the memory still works after all that
     assert mem.route(images=[info.red], texts=["what color is the circle?"]).edit_ids.tolist() == [info.a]
 
@@ -98,10 +100,11 @@ def test_load_image_catalogue_and_allowed_root(tmp_path):
     assert load_image("sub/../inside.png", allowed_root=root).image.size == (32, 32)
 
 
-def test_index_catalogue_refused_and_state_unchanged():
+def test_index_catalogue_refused_and_state_unchanged(tmp_path):
     ix = fuzz_index()
-    cases = index_cases(ix)
+    cases = index_cases(ix, tmp_path)
     _assert_all_refused([run_case(c, lambda: index_state(ix)) for c in cases])
+    assert save_targets_intact(tmp_path / "index-targets")
     assert ix.edit_ids().tolist() == [0, 1, 5]
 
 

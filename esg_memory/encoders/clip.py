@@ -415,11 +415,15 @@ class ClipKeyEncoder(_CachedTowers):
         """
         from safetensors.torch import save_file
 
-        from index._fs import atomic_directory
+        from index._fs import NotReplaceableError, atomic_directory, check_replaceable
 
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.state_dict().items()}
         pp = {k: list(v) if isinstance(v, tuple) else v for k, v in self._pp_cfg.items()}
-        with atomic_directory(directory) as tmp:
+        try:
+            check_replaceable(directory, "open_clip_config.json")
+        except NotReplaceableError as e:
+            raise ConfigError(f"cannot save the encoder there: {e}") from None
+        with atomic_directory(directory, "open_clip_config.json") as tmp:
             (tmp / "open_clip_config.json").write_text(
                 json.dumps({"model_cfg": self._model_cfg, "preprocess_cfg": pp}, indent=2), encoding="utf-8"
             )
