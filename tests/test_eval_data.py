@@ -26,9 +26,7 @@ def test_mmedit_vqa_text_side_mode():
         raw["rephrase"],
         raw["pred"],
     )
-    assert (
-        c.loc.question == "who got the first nobel prize in physics"
-    )  # "nq question: " dropped
+    assert c.loc.question == "who got the first nobel prize in physics"  # "nq question: " dropped
     assert c.loc.image is None and c.loc.target == raw["loc_ans"]
     assert (c.m_loc.question, c.m_loc.target) == (raw["m_loc_q"], raw["m_loc_a"])
     # image_rephrase is generated from the same COCO photo: same subject, same placeholder picture
@@ -38,6 +36,18 @@ def test_mmedit_vqa_text_side_mode():
     Image.open(io.BytesIO(c.image)).verify()
     assert [p.kind for p in c.generalization_probes()] == ["reliability", "t_gen", "i_gen"]
     assert c.portability == () and c.revisions and c.target not in c.revisions
+    # OKEDIT-style hard negatives: this picture + unrelated question, this question + unrelated picture
+    same_image, same_question = c.hard
+    assert (same_image.kind, same_image.image, same_image.question) == (
+        "hard_same_image",
+        c.image,
+        raw["m_loc_q"],
+    )
+    assert (same_question.kind, same_question.image, same_question.question) == (
+        "hard_same_question",
+        c.m_loc.image,
+        c.question,
+    )
 
 
 def test_caption_and_vlkeb_portability():
@@ -49,6 +59,8 @@ def test_caption_and_vlkeb_portability():
     p = c.portability[0]
     assert p.kind == "portability" and p.image == c.image and p.target == "United States"
     assert all(case.portability == () for case in load_vlkeb(FIX / "vlkeb_eval.json").cases)
+    # VLKEB's m_loc_q is a generic question of the same kind: only "same question, other picture" is hard
+    assert [p.kind for p in c.hard] == ["hard_same_question"]
 
 
 def test_text_records():

@@ -246,6 +246,20 @@ def _alternatives(targets: Sequence[str], i: int, k: int = 3) -> tuple[str, ...]
     return tuple(out)
 
 
+def _hard(v: Mapping[str, str], image: ImageRef, other: ImageRef, kind: str) -> tuple[Probe, ...]:
+    """The OKEDIT-style hard negatives a record implies: the edit's picture with the unrelated question
+    (``m_loc_q``), and the edit's question on the unrelated picture (``m_loc``). VLKEB's ``m_loc_q`` asks
+    the same generic kind of question ("what is shown?") and is a rephrasing on this picture, so only
+    the second is used there; E-IC's question is "a photo of" everywhere, which makes the second the one
+    that matters. Targets are teacher-forcing text only (locality compares with the pre-edit model)."""
+    out = []
+    if kind != "vlkeb" and not (v["m_loc_q"] == v["src"] and other == image):
+        out.append(Probe("hard_same_image", image, v["m_loc_q"], v["m_loc_a"]))
+    if other != image:
+        out.append(Probe("hard_same_question", other, v["src"], v["pred"]))
+    return tuple(out)
+
+
 def load_mmedit(
     path: str | Path, kind: str = "vqa", image_root: str | Path | None = None, limit: int | None = None
 ) -> EvalDataset:
@@ -288,6 +302,7 @@ def load_mmedit(
                 image_rephrase=(img(v["image_rephrase"], where),),
                 loc=Probe("t_loc", None, loc_q, v["loc_ans"]),
                 m_loc=Probe("m_loc", img(v["m_loc"], where), v["m_loc_q"], v["m_loc_a"]),
+                hard=_hard(v, image, img(v["m_loc"], where), kind),
                 portability=port,
                 revisions=_alternatives(targets, i),
             )
