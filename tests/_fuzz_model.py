@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tests._fuzz_fixtures import BadCase, _arr, hostile_images
+from tests._fuzz_fixtures import BadCase, _arr, hostile_images, save_targets
 from tests._memory_fixtures import png_bytes, shape_image
 
 __all__ = ["encoder_cases", "encoder_state", "model_cases"]
@@ -85,6 +85,9 @@ def model_cases(em: Any, img: Any, tmp: Path) -> list[BadCase]:
     }
     for name, fn in structural.items():
         add("model", name, fn)
+    for name, target in save_targets(tmp / "model-targets").items():
+        if "directory" not in name:  # a wrapper directory (even through a symlink) may hold other files
+            add("model", f"save({name})", lambda target=target: em.save(target))
     return cases
 
 
