@@ -183,6 +183,14 @@ def render(report: dict[str, Any]) -> str:
     tried = sum(s["tried"] for s in fz.values())
     refused = sum(s["refused"] for s in fz.values())
     lines.append(f"| **all** | **{tried}** | **{refused}** | |")
+    lines += [
+        "",
+        "`IdenticalLoad`: a randomly damaged copy loaded exactly the undamaged state (the bit carried no "
+        "data). `TornTailDropped`: damage inside a durable directory's last journal record loaded the state "
+        "before that write — the journal reads it as a torn write, so a bit flip there loses that one "
+        "(acknowledged) write; `decoded (valid image)`: damaged PNG bytes that still decode to a valid "
+        "image.",
+    ]
     failed = [f for s in fz.values() for f in s["failed"]]
     if failed:
         lines += ["", "Not refused cleanly:", "", *[f"- {f}" for f in failed[:50]]]
