@@ -136,6 +136,28 @@ def test_cli_text_side_run_with_tuned_adapters(tmp_path, capsys):
     assert summary["methods"]["ours"]["retention"]["t_loc"] is not None
 
 
+def test_text_records_immediate_only(tmp_path):
+    cfg = EvalConfig(
+        kind="zsre",
+        data=str(FIX / "zsre.json"),
+        pool_dir=str(FIX / "pool"),
+        model="tiny-random-llava",
+        clip="esg-easyvqa-clip",
+        edits=3,
+        tune="never",
+        protocol="immediate",
+    )
+    res = run_eval(cfg, tmp_path, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} == FILES
+    ours = res["methods"]["ours"]
+    assert ours["retention"] is None and ours["interaction"] is None
+    imm = ours["immediate"]
+    assert imm["n_edits"] == 3 and imm["t_loc"] is not None and imm["reliability"] is not None
+    assert imm["i_gen"] is None and imm["m_loc"] is None and imm["portability"] is None  # text data
+    assert res["methods"]["image_only"]["immediate"]["routing"]["right_edit"] == 0.0  # no pictures at all
+    assert [p["methods"]["ours"]["immediate"]["n_edits"] for p in res["curve"]] == [1, 3]
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

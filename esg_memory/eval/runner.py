@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -257,7 +257,7 @@ def run_eval(
     )
     if len(ds.cases) < cfg.edits:
         logger.warning("the data holds %d edits, fewer than the %d asked for", len(ds.cases), cfg.edits)
-    ds.cases = ds.cases[: cfg.edits]
+    ds = replace(ds, cases=ds.cases[: cfg.edits])  # the caller's dataset stays as it was
     spec = _encoder_spec(cfg, ds)
     enc = encoder if encoder is not None else _load_encoder(spec, cfg.device)
     base, processor = model if model is not None else load_base_model(cfg.model, **_hf_kwargs(cfg))
