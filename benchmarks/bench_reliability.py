@@ -4,9 +4,10 @@ Three parts, each a pass/fail count rather than a speed:
 
 1. **Bad inputs** — the fuzz catalogue of ``tests/_fuzz_fixtures.py`` (ids, texts, images, arrays,
    argument structures on `EditMemory`; `load_image` with ``..``/symlink escapes; `ScopedIndex`;
-   `EditedModel` on the tiny LLaVA; the tiny CLIP encoder), damaged memory and index directories
-   (``tests/_fuzz_files.py``: truncation, foreign and newer formats, traversal names, ``--flips``
-   seeded random bit flips; durable directories: flips and cuts in the journal and snapshot), and
+   `EditedModel` on the tiny LLaVA; the tiny CLIP encoder), damaged memory, index and encoder
+   directories (``tests/_fuzz_files.py``: truncation, foreign and newer formats, traversal names,
+   ``--flips`` seeded random bit flips; durable directories: flips and cuts in the journal and
+   snapshot; CLIP directories: bad configs, allocation bombs, a malicious pickle as weights), and
    ``--random`` seeded random byte strings and damaged PNGs given as images. Each case must raise a
    typed error (`EsgMemoryError`, or `ScopedIndexError` for the index) and leave the state it was
    called on unchanged (a full fingerprint before and after); a random flip may instead load into
@@ -136,6 +137,13 @@ def run_fuzz(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], floa
     enc = tiny_encoder()
     for c in encoder_cases(enc, work / "encoder"):
         outcomes.append(run_case(c, lambda: encoder_state(enc)))
+    from tests._fuzz_model import encoder_dir_cases
+
+    dir_cases, marker = encoder_dir_cases(work / "encoder-dirs")
+    for c in dir_cases:
+        outcomes.append(run_case(c, lambda: ""))
+    if marker.exists():  # a pickled payload in a weights file ran: the worst possible finding
+        outcomes.append(Outcome("encoder files", "pickle executed", "EXECUTED", False, False, "code ran"))
     return summarize(outcomes), time.perf_counter() - t0
 
 

@@ -133,3 +133,74 @@ def encoder_cases(enc: Any, tmp: Path) -> list[BadCase]:
     for name, fn in structural.items():
         add(name, fn)
     return cases
+
+
+class _Evil:
+    """A pickle whose loading would create a marker directory (it must never be unpickled)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.marker),))
+
+
+def encoder_dir_cases(work: Path) -> tuple[list[BadCase], Path]:
+    """`ClipKeyEncoder("local-dir:...")` on damaged copies of the shipped CLIP directory.
+
+    Returns the cases and the marker path a malicious pickle would create if it were ever executed.
+    """
+    import json
+    import pickle
+    import shutil
+
+    from esg_memory.encoders import ClipKeyEncoder
+    from esg_memory.pretrained import pretrained_path
+
+    src = pretrained_path("esg-easyvqa-clip")
+    marker = work / "PWNED"
+    cfg, weights = "open_clip_config.json", "open_clip_model.safetensors"
+
+    def edit_cfg(fn):
+        def damage(d: Path) -> None:
+            doc = json.loads((d / cfg).read_text())
+            fn(doc["model_cfg"])
+            (d / cfg).write_text(json.dumps(doc))
+
+        return damage
+
+    def evil_weights(d: Path) -> None:
+        (d / weights).unlink()
+        (d / "open_clip_pytorch_model.bin").write_bytes(pickle.dumps(_Evil(marker)))
+
+    variants = {
+        "config not JSON": lambda d: (d / cfg).write_text("{nope"),
+        "config nested 100k deep": lambda d: (d / cfg).write_text("[" * 100_000 + "]" * 100_000),
+        "config is a list": lambda d: (d / cfg).write_text("[1]"),
+        "config missing": lambda d: (d / cfg).unlink(),
+        "width 10^6 (allocation bomb)": edit_cfg(lambda m: m["vision_cfg"].update(width=10**6)),
+        "2000 layers": edit_cfg(lambda m: m["text_cfg"].update(layers=2000)),
+        "negative embed_dim": edit_cfg(lambda m: m.update(embed_dim=-4)),
+        "embed_dim a string": edit_cfg(lambda m: m.update(embed_dim="512")),
+        "architecture changed (weights no longer fit)": edit_cfg(lambda m: m["text_cfg"].update(layers=1)),
+        "weights truncated": lambda d: (d / weights).write_bytes((d / weights).read_bytes()[:1000]),
+        "weights random bytes": lambda d: (d / weights).write_bytes(bytes(range(256)) * 64),
+        "weights a malicious pickle": evil_weights,
+    }
+    cases = []
+    for i, (name, damage) in enumerate(variants.items()):
+        d = work / f"clip-{i:02d}"
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(src, d)
+        damage(d)
+        cases.append(
+            BadCase(
+                "encoder files",
+                f"ClipKeyEncoder(local-dir): {name}",
+                lambda d=d: ClipKeyEncoder(f"local-dir:{d}"),
+            )
+        )
+    return cases, marker

@@ -15,7 +15,7 @@ from esg_memory.errors import EncoderMismatchError, FormatError, InvalidInputErr
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
 from tests._fuzz_fixtures import CFG, memory_state, run_case, summarize
-from tests._fuzz_model import encoder_cases, encoder_state, model_cases
+from tests._fuzz_model import encoder_cases, encoder_dir_cases, encoder_state, model_cases
 from tests._memory_fixtures import HashKeyEncoder
 from tests._model_fixtures import one_thread, same_state, shape_image, state_snapshot, tiny, tiny_encoder
 
@@ -153,3 +153,24 @@ def test_clip_encoder_refuses_bad_rows_and_its_cache_stays_clean(tmp_path):
     outcomes = [run_case(c, lambda: encoder_state(enc)) for c in cases]
     bad = [f for s in summarize(outcomes).values() for f in s["failed"]]
     assert not bad, "\n".join(bad)
+
+
+def test_damaged_encoder_directories_are_refused_and_no_pickle_runs(tmp_path):
+    cases, marker = encoder_dir_cases(tmp_path)
+    outcomes = [run_case(c, lambda: "") for c in cases]
+    bad = [f for s in summarize(outcomes).values() for f in s["failed"]]
+    assert not bad, "\n".join(bad)
+    assert not marker.exists(), "a pickle in a weights file was executed"
+
+
+def test_an_encoder_directory_without_weights_is_not_mistaken_for_the_trained_one(tmp_path):
+    import shutil
+
+    from esg_memory.encoders import ClipKeyEncoder
+    from esg_memory.pretrained import pretrained_path
+
+    d = tmp_path / "clip"
+    shutil.copytree(pretrained_path("esg-easyvqa-clip"), d)
+    (d / "open_clip_model.safetensors").unlink()
+    random_enc, trained = ClipKeyEncoder(f"local-dir:{d}"), ClipKeyEncoder("esg-easyvqa-clip")
+    assert "random" in random_enc.name and random_enc.name != trained.name  # a memory refuses it

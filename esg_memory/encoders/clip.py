@@ -136,6 +136,51 @@ def _load_weights(model: torch.nn.Module, path: Path, arch: str) -> None:
         raise FormatError(f"weights file {path.name!r} does not fit the {arch!r} architecture: {e}") from None
 
 
+#: Upper bounds on a directory config's sizes: a hostile config must not make open_clip allocate
+#: without limit before any weights are read. Generous: ViT-bigG-14 is well inside every one.
+_CFG_LIMITS = {
+    "embed_dim": 16384,
+    "width": 16384,
+    "head_width": 4096,
+    "heads": 512,
+    "layers": 256,
+    "mlp_ratio": 64,
+    "image_size": 4096,
+    "patch_size": 1024,
+    "context_length": 8192,
+    "vocab_size": 4_000_000,
+}
+_MAX_TOWER_PARAMS = 8e9  # ~12 * layers * width^2 per transformer tower
+
+
+def _check_size(key: str, v: Any, at: str, where: str) -> None:
+    for y in v if isinstance(v, list) else [v]:
+        number = isinstance(y, (int, float)) and not isinstance(y, bool)
+        if y is not None and not (number and 0 < y <= _CFG_LIMITS[key]):
+            raise FormatError(f"{where}: {at}.{key} = {v!r} is out of range (0, {_CFG_LIMITS[key]}]")
+
+
+def _check_model_cfg(model_cfg: dict, where: str) -> None:
+    """Refuse out-of-range sizes in an open_clip model config (FormatError names the field)."""
+
+    def walk(x: Any, at: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k in _CFG_LIMITS:
+                    _check_size(k, v, at, where)
+                walk(v, f"{at}.{k}")
+        elif isinstance(x, list):
+            for i, y in enumerate(x):
+                walk(y, f"{at}[{i}]")
+
+    walk(model_cfg, "model_cfg")
+    for tower in ("vision_cfg", "text_cfg"):
+        t = model_cfg.get(tower)
+        w, n = (t.get("width"), t.get("layers")) if isinstance(t, dict) else (None, None)
+        if isinstance(w, (int, float)) and isinstance(n, int) and 12 * n * float(w) ** 2 > _MAX_TOWER_PARAMS:
+            raise FormatError(f"{where}: {tower} (width {w}, {n} layers) is implausibly large")
+
+
 def _find_dir_weights(d: Path) -> Path | None:
     for name in _DIR_WEIGHT_NAMES:
         if (d / name).is_file():
@@ -377,13 +422,14 @@ class ClipKeyEncoder(_CachedTowers):
             raise ConfigError(f"{str(d)!r} has no open_clip_config.json")
         try:
             cfg = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{str(f)!r} is not valid JSON ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise FormatError(f"{str(f)!r} is not valid JSON ({type(e).__name__}: {e})") from None
         model_cfg = cfg.get("model_cfg") if isinstance(cfg, dict) else None
         if not isinstance(model_cfg, dict) or not all(
             k in model_cfg for k in ("embed_dim", "vision_cfg", "text_cfg")
         ):
             raise FormatError(f"{str(f)!r} lacks a 'model_cfg' with embed_dim, vision_cfg and text_cfg")
+        _check_model_cfg(model_cfg, str(f))
         return model_cfg
 
     def _forward_images(self, images: list[Image.Image]) -> np.ndarray:
