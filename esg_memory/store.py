@@ -31,7 +31,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from index import ScopedIndex
-from index._fs import NotReplaceableError, atomic_directory, check_replaceable, recover_dir
+from index._fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
 from index.errors import ScopedIndexError
 
 from ._memory_state import EditState, EditVectors
@@ -226,11 +226,11 @@ def doc_checksum(doc: dict[str, Any]) -> str:
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_regular_file(path)  # never a FIFO or /dev/zero planted in a hostile directory
     except FileNotFoundError:
         raise FormatError(f"{what}: missing file {path.name!r}") from None
     except OSError as e:
-        raise FormatError(f"{what}: unreadable ({e.strerror})") from None
+        raise FormatError(f"{what}: unreadable ({e.strerror or e})") from None
 
 
 def _checked(path: Path, sha: str, size: int, what: str) -> bytes:

@@ -11,18 +11,50 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
+    "NotRegularFileError",
     "NotReplaceableError",
     "atomic_directory",
     "atomic_write_bytes",
     "check_replaceable",
     "fsync_dir",
+    "read_regular_file",
     "recover_dir",
 ]
+
+
+class NotRegularFileError(OSError):
+    """A file a loader must read is a FIFO, a device or a directory (reading it could block or never end)."""
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (symlinks followed); a FIFO, device or directory is refused unread.
+
+    A hostile directory could name ``/dev/zero`` (a read that never ends) or a FIFO (an open that
+    never returns) where a data file should be; ``O_NONBLOCK`` keeps the open itself from blocking.
+    Reads at most one byte more than the size ``fstat`` reports, so a file growing meanwhile shows
+    up as a size mismatch rather than an endless read.
+    """
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(f"{os.fspath(path)!r} is not a regular file")
+        chunks, left = [], st.st_size + 1
+        while left > 0:
+            b = os.read(fd, min(left, 1 << 24))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class NotReplaceableError(FileExistsError):

@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from . import backends as _bk
-from ._fs import NotReplaceableError, atomic_directory, check_replaceable, recover_dir
+from ._fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
 from ._table import KeyTable
 from .errors import IndexFormatError, InvalidArgumentError, ScopedIndexError
 
@@ -123,9 +123,9 @@ def _read_files(path: Path, meta: dict[str, Any]) -> dict[str, bytes]:
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise _fail(path, f"bad checksum entry for {name}")
         try:
-            data = (path / name).read_bytes()
+            data = read_regular_file(path / name)
         except OSError as e:
-            raise _fail(path, f"{name} is missing or unreadable ({e.strerror})") from None
+            raise _fail(path, f"{name} is missing or unreadable ({e.strerror or e})") from None
         if len(data) != entry.get("bytes"):
             raise _fail(path, f"{name} has {len(data)} bytes, expected {entry.get('bytes')} (truncated?)")
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:

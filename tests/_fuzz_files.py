@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -154,6 +155,15 @@ def corrupted_memory_dirs(
     yield variant(
         "a blob is a symlink outside", lambda d: _symlink_over(next((d / "blobs").iterdir()), work / "a-file")
     )
+    yield variant("keys.safetensors is a FIFO", lambda d: _fifo_over(d / "keys.safetensors"))
+    yield variant("memory.json is a FIFO", lambda d: _fifo_over(d / "memory.json"))
+    yield variant(
+        "a blob is /dev/zero", lambda d: _symlink_over(next((d / "blobs").iterdir()), Path("/dev/zero"))
+    )
+    yield variant(
+        "an attachment is /dev/zero",
+        lambda d: _symlink_over(next((d / "attachments").iterdir()), Path("/dev/zero")),
+    )
     yield variant("index dir missing", lambda d: shutil.rmtree(d / "index"))
     yield variant(
         "index.json foreign", lambda d: _edit_json(d / "index" / "index.json", lambda x: x.update(format="x"))
@@ -170,6 +180,12 @@ def corrupted_memory_dirs(
         rel = target.relative_to(src)
         sub = random.Random(rng.random())
         yield variant(f"bit flip #{i} in {rel}", lambda d, rel=rel, sub=sub: flip_bytes(d / rel, sub))
+
+
+def _fifo_over(p: Path) -> None:
+    """A FIFO where a data file was: opening it for reading would block forever."""
+    p.unlink()
+    os.mkfifo(p)
 
 
 def _symlink_over(p: Path, target: Path) -> None:
@@ -244,6 +260,8 @@ def loader_cases(mem: EditMemory, work: Path, seed: int = 0, n_flips: int = 24) 
                 lambda d: _edit_json(d / "index.json", lambda x: x["counts"].update(edits=99)),
             ),
             ("structure.faiss truncated", lambda d: (d / "structure.faiss").write_bytes(b"IxM2")),
+            ("keys.npy is /dev/zero", lambda d: _symlink_over(d / "keys.npy", Path("/dev/zero"))),
+            ("structure.faiss is a FIFO", lambda d: _fifo_over(d / "structure.faiss")),
             *[(f"index bit flip #{j}", _flipper(rng.random())) for j in range(max(4, n_flips // 3))],
         ]
     ):
@@ -344,6 +362,8 @@ def durable_cases(work: Path, seed: int = 0, n_flips: int = 16) -> list[BadCase]
         ("snapshot removed", lambda d: shutil.rmtree(d / "snapshot"), False),
         ("journal directory removed", lambda d: shutil.rmtree(d / "journal"), False),
         ("journal segment removed", lambda d: (d / rel).unlink(), False),
+        ("journal segment is a FIFO", lambda d: _fifo_over(d / rel), False),
+        ("journal segment is /dev/zero", lambda d: _symlink_over(d / rel, Path("/dev/zero")), False),
         (
             "garbage segment after the last",
             lambda d: (d / "journal" / f"{10**19:020d}.wal").write_bytes(b"junk"),
