@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from index._fs import fsync_dir, recover_dir
+from index._fs import fsync_dir, read_regular_file, recover_dir
 
 from .errors import ConfigError, FormatError, LockError
 from .journal import (
@@ -55,7 +55,16 @@ from .journal import replay as _replay
 if TYPE_CHECKING:
     from .memory import EditMemory
 
-__all__ = ["Durable", "JournalConfig", "WriterLock", "is_durable", "load_durable", "open_durable"]
+__all__ = [
+    "Durable",
+    "JournalConfig",
+    "WriterLock",
+    "attach_durable",
+    "install",
+    "is_durable",
+    "load_durable",
+    "open_durable",
+]
 
 logger = logging.getLogger("esg_memory.durable")
 
@@ -448,11 +457,11 @@ def _snapshot_position(path: Path) -> dict[str, Any]:
     import json
 
     try:
-        doc = json.loads((path / SNAPSHOT / "memory.json").read_text(encoding="utf-8"))
+        doc = json.loads(read_regular_file(path / SNAPSHOT / "memory.json").decode("utf-8"))
         pos = doc["journal"]
         if isinstance(pos, dict) and isinstance(pos.get("lsn"), int) and isinstance(pos.get("lineage"), str):
             return pos
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass
     raise FormatError(f"{path / SNAPSHOT}: no readable journal position in memory.json")
 

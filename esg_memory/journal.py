@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from index._fs import fsync_dir
+from index._fs import fsync_dir, read_regular_file
 
 from .errors import EsgMemoryError, FormatError
 
@@ -54,12 +54,17 @@ if TYPE_CHECKING:
 __all__ = [
     "JOURNAL_VERSION",
     "JournalBrokenError",
+    "JournalGapError",
     "JournalWriter",
     "apply_record",
     "encode_abort",
     "encode_attach",
     "encode_commit",
+    "list_segments",
+    "live_records",
     "read_journal",
+    "read_segment",
+    "replay",
 ]
 
 logger = logging.getLogger("esg_memory.journal")
@@ -149,9 +154,9 @@ def list_segments(jdir: Path) -> list[tuple[int, Path]]:
 def read_segment(path: Path, last: bool) -> Segment:
     """Parse one segment; a torn tail is dropped (with a warning) only in the last one."""
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)  # a segment name could point at a FIFO or /dev/zero
     except OSError as e:
-        raise FormatError(f"journal {path.name}: unreadable ({e.strerror})") from None
+        raise FormatError(f"journal {path.name}: unreadable ({e.strerror or e})") from None
     if len(data) < _HEAD.size:
         raise FormatError(f"journal {path.name}: truncated header ({len(data)} bytes)")
     magic, version, first, crc = _HEAD.unpack_from(data, 0)
