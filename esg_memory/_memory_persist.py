@@ -48,7 +48,7 @@ class PersistenceMixin:
         from .store import save_memory
 
         path = Path(path)
-        if self._durable is not None and not self._durable.closed and self.durable_path == path.absolute():
+        if self._durable is not None and not self._durable.closed and self.durable_path == path.resolve():
             self._durable._check()
             self.compact()
         elif path.is_dir() and _d.is_durable(path):
@@ -108,7 +108,7 @@ class PersistenceMixin:
     def durable_path(self) -> Path | None:
         """The directory this memory journals into, or None."""
         d = self._durable
-        return None if d is None or d.closed or d.readonly else d.path.absolute()
+        return None if d is None or d.closed or d.readonly else d.path.resolve()
 
     def compact(self) -> int:
         """Write a new snapshot of a durable memory and truncate its journal; returns its lsn."""

@@ -138,7 +138,7 @@ class EditedModel:
             config = _config_from_meta(meta)
         em = cls(model, processor, memory, config)
         if durable and meta is None and directory is not None and \
-                memory.durable_path == (directory / _MEMORY_DIR).absolute():
+                memory.durable_path == (directory / _MEMORY_DIR).resolve():
             em._save_meta(directory)  # a new wrapper directory: reloadable as a whole from now on
         em._owns_memory = durable
         return em
@@ -479,6 +479,8 @@ class EditedModel:
     def save(self, directory: str | Path) -> None:
         """Save the memory (adapters included) and this wrapper's config; reload with ``from_pretrained``."""
         d = Path(directory)
+        if "\x00" in str(d) or (os.path.lexists(d) and not d.is_dir()):
+            raise InvalidInputError(f"cannot save into {str(d)!r}: not a directory")
         d.mkdir(parents=True, exist_ok=True)
         self.memory.save(d / _MEMORY_DIR)  # its own durable directory: a compaction
         self._save_meta(d)

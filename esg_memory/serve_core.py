@@ -191,7 +191,7 @@ class EditService:
 
         assert self.memory_dir is not None
         mem = self.model.memory
-        target = (self.memory_dir / "memory").absolute()
+        target = (self.memory_dir / "memory").resolve()
         if mem.durable_path is None:
             mem.make_durable(target, JournalConfig(compact_bytes=self.config.compact_bytes))
             self._owns_journal = True

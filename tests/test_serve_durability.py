@@ -105,7 +105,7 @@ def test_edited_model_on_a_durable_directory(base, tmp_path):
     d = tmp_path / "wrapped"
     em = EditedModel.wrap(model, processor, memory=d, encoder=enc, config=cfg, durable=True)
     try:
-        assert (d / "edited_model.json").is_file() and em.memory.durable_path == (d / "memory").absolute()
+        assert (d / "edited_model.json").is_file() and em.memory.durable_path == (d / "memory").resolve()
         eid = em.add_edit(None, "who painted the mona lisa?", "leonardo")
         with pytest.raises(LockError):
             EditedModel.wrap(model, processor, memory=d, encoder=enc, durable=True)
@@ -113,6 +113,10 @@ def test_edited_model_on_a_durable_directory(base, tmp_path):
         seen = EditMemory.load(d / "memory", enc)
         assert seen.get(eid).answer == "leonardo"
         assert seen.attachment(eid, ADAPTER_KIND) == em.memory.attachment(eid, ADAPTER_KIND)
+        em.save(d)  # its own directory: a compaction (snapshot + journal truncated), not a second copy
+        snap = json.loads((d / "memory" / "snapshot" / "memory.json").read_text())
+        assert [e["id"] for e in snap["edits"]] == [eid] and snap["journal"]["lsn"] >= 2
+        assert not (d / "memory" / "memory.json").exists()
     finally:
         em.close()
     again = EditedModel.wrap(model, processor, memory=d, encoder=enc, durable=True)
