@@ -16,8 +16,38 @@ __all__ = ["RoutingMixin"]
 class RoutingMixin:
     """Routing half of `EditMemory` (uses its ``_lock``, ``_index``, ``_edits``, ``_keys``, ``config``)."""
 
+    def _route_ids(self, q: np.ndarray) -> np.ndarray:
+        """``_route_keys(q)[0].edit_ids``, skipping the candidate search for rows no key can hold.
+
+        While the index is flat, its search scans every key anyway; one brute-force scan of all
+        margins first proves most out-of-scope rows -1 (beyond the scan's float error), which is
+        what an unedited input costs. The remaining rows are routed in full, so the ids are
+        exactly those `route` gives.
+        """
+        n = q.shape[0]
+        out = np.full(n, -1, dtype=np.int64)
+        with self._lock:
+            if not n or not len(self._edits):
+                return out
+            if self._index.structure != "flat":
+                return self._route_keys(q)[0].edit_ids
+            try:
+                maybe = self._index.scan_margins(q) >= -self._index.scan_error
+            except ScopedIndexError as e:
+                raise translate_index_error(e) from None
+            if maybe.all():
+                return self._route_keys(q)[0].edit_ids
+            if maybe.any():
+                out[maybe] = self._route_keys(q[maybe])[0].edit_ids
+            return out
+
     def _route_keys(self, q: np.ndarray, want_all: bool = False) -> tuple[RouteResult, list[list[int]]]:
-        """Route unit query rows; also return, per row, every candidate edit whose scope holds it."""
+        """Route unit query rows; also return, per row, every candidate edit whose scope holds it.
+
+        The index reports, per row, the ``route_k`` nearest edits already scored on their
+        best-margin key and sorted by margin; only the winners' versions and origins need the
+        edit states (one Python step per row, the hot path of every wrapped call).
+        """
         n = q.shape[0]
         ids = np.full(n, -1, dtype=np.int64)
         vers = np.full(n, -1, dtype=np.int64)
@@ -35,29 +65,29 @@ class RoutingMixin:
                     res = self._index.search(q, k=k)
                 except ScopedIndexError as e:
                     raise translate_index_error(e) from None
-                for i in range(n):
-                    cands = []
-                    for eid in res.edit_ids[i]:
-                        eid = int(eid)
-                        if eid < 0:
-                            continue
-                        kk, tt = self._keys[eid]
-                        s = kk @ q[i]
-                        m = s - tt
-                        j = int(np.argmax(m))
-                        cands.append((float(m[j]), eid, j, float(s[j]), float(tt[j])))
-                    if not cands:
-                        continue
-                    cands.sort(key=lambda c: (-c[0], c[1]))
-                    m0, e0, j0, s0, t0 = cands[0]
-                    near[i], scores[i], thr[i], margins[i] = e0, s0, t0, m0
-                    st = self._edits[e0]
-                    origins[i] = st.current.scope[j0].origin
-                    if m0 >= 0:
-                        ids[i], vers[i] = e0, st.current.version
-                    if len(cands) > 1:
-                        ru[i], ru_m[i] = cands[1][1], cands[1][0]
-                    all_in[i] = [c[1] for c in cands if c[0] >= 0]
+                found = res.edit_ids
+                mg = res.margins
+                best = found[:, 0]
+                has = best >= 0
+                near[has] = best[has]
+                scores[has] = res.scores[has, 0]
+                thr[has] = res.thresholds[has, 0]
+                margins[has] = mg[has, 0]
+                inside = has & (mg[:, 0] >= 0)
+                ids[inside] = best[inside]
+                pos = res.key_positions
+                assert pos is not None
+                for i in np.flatnonzero(has).tolist():
+                    cur = self._edits[int(best[i])].current
+                    origins[i] = cur.scope[int(pos[i, 0])].origin
+                    if inside[i]:
+                        vers[i] = cur.version
+                if k > 1:
+                    second = found[:, 1] >= 0
+                    ru[second] = found[second, 1]
+                    ru_m[second] = mg[second, 1]
+                if want_all:
+                    all_in = [found[i][res.in_scope[i]].tolist() for i in range(n)]
         out = RouteResult(
             edit_ids=ids,
             versions=vers,

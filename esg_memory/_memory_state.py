@@ -26,17 +26,18 @@ those) reproduces the memory that never saw a deleted edit, bit for bit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._memory_util import NeighbourTable
 from .scope import ScopeFit, fit_scope, pairwise_sims
 from .types import EditVersion, MemoryConfig
 
-__all__ = ["CrossEncoder", "EditState", "EditVectors", "Plan"]
+__all__ = ["CrossEncoder", "Derived", "EditState", "EditVectors", "Plan", "blobs_of"]
 
 logger = logging.getLogger("esg_memory.memory")
 
@@ -81,6 +82,62 @@ class EditState:
         return np.ascontiguousarray(self.vec.cand[list(self.fit.key_index)], dtype=np.float32)
 
 
+def blobs_of(state: EditState) -> Iterator[str]:
+    """Every stored image an edit refers to, over its whole history (repeats possible)."""
+    for v in state.versions:
+        if v.image is not None:
+            yield v.image
+        yield from (p.image for p in v.positives if p.image is not None)
+        yield from (f.image for f in v.feedback if f.image is not None)
+
+
+class Derived:
+    """Indexes over the committed edit states, kept in step by `EditMemory._apply` (not saved).
+
+    ``holders``: edit -> the edits whose neighbour set holds it (the edits a delete or re-encode
+    must revisit); ``bars``: for a full (capped) set, the smallest link in it, below which a new
+    edit cannot enter; ``blob_refs``: image sha -> how many edits refer to it. All are functions of
+    the states, so rebuilding them from scratch (after a load) gives the same indexes.
+    """
+
+    def __init__(self, states: Mapping[int, EditState], cap: int) -> None:
+        self.cap = cap
+        self.holders: dict[int, set[int]] = {}
+        self.bars: dict[int, float] = {}
+        self.blob_refs: dict[str, int] = {}
+        for st in states.values():
+            self._add(st)
+
+    def replace(self, old: EditState | None, new: EditState | None) -> None:
+        if old is not None:
+            self._drop(old)
+        if new is not None:
+            self._add(new)
+
+    def _add(self, st: EditState) -> None:
+        for n in st.nbrs:
+            self.holders.setdefault(n, set()).add(st.id)
+        if self.cap and len(st.nbrs) >= self.cap:
+            self.bars[st.id] = min(st.nbrs.values())
+        for sha in set(blobs_of(st)):
+            self.blob_refs[sha] = self.blob_refs.get(sha, 0) + 1
+
+    def _drop(self, st: EditState) -> None:
+        for n in st.nbrs:
+            held = self.holders.get(n)
+            if held is not None:
+                held.discard(st.id)
+                if not held:
+                    del self.holders[n]
+        self.bars.pop(st.id, None)
+        for sha in set(blobs_of(st)):
+            left = self.blob_refs.get(sha, 0) - 1
+            if left > 0:
+                self.blob_refs[sha] = left
+            else:
+                self.blob_refs.pop(sha, None)
+
+
 class Plan:
     """A copy-on-write overlay of edit states: every write is planned here, then committed at once.
 
@@ -97,9 +154,11 @@ class Plan:
         cross_cache: dict[tuple[int, int], tuple[np.ndarray, list[str]]],
         blobs: dict[str, bytes],
         table: tuple[np.ndarray, np.ndarray] | None = None,
+        derived: Derived | None = None,
     ) -> None:
         self.blobs = blobs  # images added by this plan, not yet in the memory's blob store
         self.base = base
+        self.derived = derived  # indexes over ``base`` (None: found by scanning every state)
         self.over: dict[int, EditState | None] = {}
         self.pool = pool
         self.config = config
@@ -156,33 +215,62 @@ class Plan:
         Float32 pre-filter over the committed table (vectors this plan did not change) and over
         the vectors this plan re-encoded; estimates are within ``self.slack`` of the exact link.
         """
+        return self._coarse_many([state])[0]
+
+    def _coarse_many(self, states: list[EditState]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`_coarse` of several edits with one pass over the table (it is read once, not per edit).
+
+        A product's summation order may differ with the batch, which the slack covers: exactness
+        never rests on the estimates, only which exact links get computed.
+        """
         lim = self.config.neighbour_radius - self.slack
-        skip = np.asarray(
-            sorted(self.changed_vec | {i for i, s in self.over.items() if s is None} | {state.id}),
-            dtype=np.int64,
+        gone = np.asarray(
+            sorted(self.changed_vec | {i for i, s in self.over.items() if s is None}), dtype=np.int64
         )
-        owners: list[np.ndarray] = []
-        values: list[np.ndarray] = []
+        found: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in states]
+        cands = np.concatenate([st.vec.cand for st in states])
+        cands_t = torch.from_numpy(cands)
+        bounds = np.cumsum([0] + [st.vec.cand.shape[0] for st in states]).tolist()
         parts = [(*self.fresh.view(), False)]
         if self.table is not None:
             parts.insert(0, (*self.table, True))
         for mat, owner, from_base in parts:
-            if not mat.shape[0]:
+            n = mat.shape[0]
+            if not n:
                 continue
-            row = (state.vec.cand @ mat.T).max(axis=0)
-            keep = (row >= lim) & (owner >= 0)
-            o = owner[keep]
-            keep2 = ~np.isin(o, skip) if from_base else o != state.id
-            owners.append(o[keep2])
-            values.append(row[keep][keep2])
-        if not owners:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        o = np.concatenate(owners)
-        v = np.concatenate(values).astype(np.float64)
-        ids, inv = np.unique(o, return_inverse=True)
-        best = np.full(ids.shape[0], -np.inf)
-        np.maximum.at(best, inv, v)
-        return ids, best
+            best = np.empty((len(states), n), dtype=np.float32)
+            step = max(1024, 4_000_000 // cands.shape[0])  # bounds the (candidates x block) product
+            for a in range(0, n, step):
+                # torch's product, not numpy's: it keeps to the process's torch thread setting, where
+                # an OpenBLAS product this size spreads over every core and, on a busy machine, stalls
+                # for 10-100x its single-thread time (measured on the 2-core CI box)
+                prod = (cands_t @ torch.from_numpy(mat[a : a + step]).T).numpy()
+                for j in range(len(states)):
+                    best[j, a : a + step] = prod[bounds[j] : bounds[j + 1]].max(axis=0)
+            # An edit's rows are one contiguous run of the table: reduce per run, not per row (the
+            # same maxima; any repeated owner is merged by the unique below).
+            starts = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
+            run_owner = owner[starts]
+            run_best = np.stack([np.maximum.reduceat(b, starts) for b in best])
+            live = run_owner >= 0
+            if from_base:  # re-encoded (their fresh rows count instead) or deleted by this plan
+                live &= ~np.isin(run_owner, gone)
+            for j, st in enumerate(states):
+                keep = live & (run_best[j] >= lim) & (run_owner != st.id)
+                found[j][0].append(run_owner[keep])
+                found[j][1].append(run_best[j][keep])
+        out = []
+        for owners, values in found:
+            if not owners:
+                out.append((np.zeros(0, dtype=np.int64), np.zeros(0)))
+                continue
+            o = np.concatenate(owners)
+            v = np.concatenate(values).astype(np.float64)
+            ids, inv = np.unique(o, return_inverse=True)
+            est = np.full(ids.shape[0], -np.inf)
+            np.maximum.at(est, inv, v)
+            out.append((ids, est))
+        return out
 
     def _top(self, exact: dict[int, float]) -> dict[int, float]:
         cap = self.config.max_neighbours
@@ -213,19 +301,25 @@ class Plan:
 
     # -- structural changes ---------------------------------------------------------------------
     def _holders(self, eid: int) -> list[int]:
-        """Edits whose neighbour set contains ``eid``."""
+        """Edits whose neighbour set contains ``eid`` (sorted)."""
+        if self.derived is None:
+            ids = self.ids()
+        else:  # committed holders, re-checked against this plan's overlay, plus the overlay itself
+            ids = sorted(self.derived.holders.get(eid, set()) | set(self.over))
         out = []
-        for i in self.ids():
+        for i in ids:
             st = self.get(i)
             if i != eid and st is not None and eid in st.nbrs:
                 out.append(i)
         return out
 
     def _reset_nbrs(self, ids: list[int]) -> None:
-        for i in ids:
-            st = self.get(i)
+        states = [self.get(i) for i in ids]
+        if not states:
+            return
+        for st, coarse in zip(states, self._coarse_many(states), strict=True):  # type: ignore[arg-type]
             assert st is not None
-            self.put(replace(st, nbrs=self.find_neighbours(st)))
+            self.put(replace(st, nbrs=self.find_neighbours(st, coarse)))
 
     def set_vectors(self, state: EditState, table: tuple[np.ndarray, np.ndarray] | None) -> set[int]:
         """Install ``state`` (new or re-encoded) and return every edit whose fit must be redone.
@@ -255,6 +349,13 @@ class Plan:
         assert me is not None
         out = []
         ids, est = coarse
+        if cap and self.derived is not None and ids.shape[0]:
+            # Most edits of a dense memory have a full set whose weakest link beats this estimate:
+            # reject them at once with the committed bars (edits this plan changed are re-checked).
+            bars = self.derived.bars
+            bar = np.fromiter((bars.get(i, -np.inf) for i in ids.tolist()), np.float64, ids.shape[0])
+            maybe = (est >= bar - self.slack) | np.isin(ids, np.fromiter(self.over, dtype=np.int64))
+            ids, est = ids[maybe], est[maybe]
         for i, e in zip(ids.tolist(), est.tolist(), strict=True):
             if i in done:
                 continue
@@ -278,15 +379,44 @@ class Plan:
         return out
 
     def remove(self, eid: int, table: tuple[np.ndarray, np.ndarray] | None = None) -> set[int]:
-        """Drop ``eid``; the edits that held it get their sets recomputed from the rest (exact)."""
+        """Drop ``eid``; returns the edits whose fit must be redone (exact, see the module doc).
+
+        An edit that held ``eid`` gets the set it would have without it: recomputed from the rest
+        when the set was full (the next-ranked edit may enter), else the same set less ``eid`` (every
+        edit within the radius already was in it). Its fit is redone unless ``eid`` gave it no
+        negative at all (same answer, not among its crossed top ``neighbour_k``): the negatives, hence
+        the fit, are then unchanged and only ``constrained_by`` is updated.
+        """
         if table is not None:
             self.table = table
-        assert self.get(eid) is not None
+        gone = self.get(eid)
+        assert gone is not None
         holders = self._holders(eid)
         self.over[eid] = None
         self.fresh.remove(eid)
-        self._reset_nbrs(holders)
-        return set(holders)
+        cfg = self.config
+        states = {i: self.get(i) for i in holders}
+        cap = cfg.max_neighbours
+        full = [i for i, st in states.items() if cap and st is not None and len(st.nbrs) >= cap]
+        self._reset_nbrs(full)  # a full set may let the next-ranked edit in: recomputed from the rest
+        refit: set[int] = set(full)
+        for i in holders:
+            st = self.get(i)
+            assert st is not None
+            if i in refit:
+                continue
+            nbrs = {n: v for n, v in st.nbrs.items() if n != eid}
+            ranked = sorted(st.nbrs.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.neighbour_k]
+            gave_negatives = any(n == eid for n, _ in ranked) or (
+                cfg.separate_same_answer or gone.current.answer != st.current.answer
+            )
+            if gave_negatives:
+                self.put(replace(st, nbrs=nbrs))
+                refit.add(i)
+            else:
+                cur = replace(st.current, constrained_by=sorted(nbrs))
+                self.put(replace(st, nbrs=nbrs, versions=(*st.versions[:-1], cur)))
+        return refit
 
     # -- fitting --------------------------------------------------------------------------------
     def _cross(self, a: EditState, b: EditState) -> tuple[np.ndarray, list[str]]:

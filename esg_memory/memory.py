@@ -29,7 +29,7 @@ from ._memory_feedback import FeedbackMixin
 from ._memory_inputs import InputsMixin
 from ._memory_persist import PersistenceMixin
 from ._memory_route import RoutingMixin
-from ._memory_state import EditState, Plan
+from ._memory_state import Derived, EditState, Plan, blobs_of
 from ._memory_util import (
     MAX_TEXT_CHARS,
     NeighbourTable,
@@ -99,6 +99,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         self._crosses: dict[tuple[int, int], tuple[np.ndarray, list[str]]] = {}
         self._table = NeighbourTable(int(encoder.dim))
         self._keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._derived: tuple[dict[int, EditState], Derived] | None = None  # see _derived_index
         self._commit_hook: Callable[[dict[str, Any], Mapping[str, bytes]], None] | None = None
         self._durable: Any = None  # esg_memory.durable.Durable while opened durably
         self._origin: tuple[str, str, int] | None = None  # (dir, lineage, lsn) this state was loaded from
@@ -121,7 +122,16 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
             self._crosses,
             {} if blobs is None else blobs,
             self._table.view(),
+            self._derived_index(),
         )
+
+    def _derived_index(self) -> Derived:
+        """Holders / bars / blob references of the committed states, built on first use."""
+        d = self._derived
+        if d is None or d[0] is not self._edits:  # a load installs a new dict: rebuild from it
+            d = (self._edits, Derived(self._edits, self.config.max_neighbours))
+            self._derived = d
+        return d[1]
 
     def set_commit_hook(self, hook: Callable[[dict[str, Any], Mapping[str, bytes]], None] | None) -> None:
         """Call ``hook(op, blobs)`` for every write after it is fully planned and before it is applied.
@@ -173,7 +183,10 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
             except BaseException:
                 self._rebuild_index()
                 raise
+            derived = self._derived[1] if self._derived and self._derived[0] is self._edits else None
             for eid, new in plan.over.items():
+                if derived is not None:
+                    derived.replace(self._edits.get(eid), new)
                 if new is None:
                     self._edits.pop(eid, None)
                     self._keys.pop(eid, None)
@@ -393,20 +406,24 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
                 self._retired.add(st.id)
                 for k in [k for k in self._attachments if k[0] == st.id]:
                     del self._attachments[k]
-                self._gc_blobs()
+                self._gc_blobs(blobs_of(st))
 
             self._commit(plan, after=forget, op={"op": "delete", "edit_id": st.id})
             logger.info("deleted edit %d; re-fitted neighbours %s", st.id, sorted(affected))
 
-    def _gc_blobs(self) -> None:
-        keep = set(self._pool_images)
-        for st in self._edits.values():
-            for v in st.versions:
-                keep.add(v.image)
-                keep.update(p.image for p in v.positives)
-                keep.update(f.image for f in v.feedback)
-        for sha in [s for s in self._blobs if s not in keep]:
-            del self._blobs[sha]
+    def _gc_blobs(self, candidates: Iterable[str] | None = None) -> None:
+        """Drop stored images that neither an edit nor the locality pool refers to any more.
+
+        ``candidates``: the only images that can have lost their last reference (a deleted edit's);
+        None checks every stored image. Both give the same store: images are only ever orphaned
+        by a delete.
+        """
+        refs = self._derived_index().blob_refs
+        pool = set(self._pool_images)
+        shas = list(self._blobs) if candidates is None else set(candidates)
+        for sha in shas:
+            if sha in self._blobs and sha not in refs and sha not in pool:
+                del self._blobs[sha]
 
     # ------------------------------------------------------------------ reads
     def get(self, edit_id: int) -> Edit:
@@ -471,6 +488,19 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         keys: np.ndarray | None = None,
     ) -> RouteResult:
         """Route each input row to the in-scope edit with the largest margin, or -1."""
+        return self._route_keys(self._route_query(images, texts, keys))[0]
+
+    def route_ids(
+        self,
+        images: Sequence[ImageLike | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        *,
+        keys: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``route(...).edit_ids`` alone (int64, -1 = no edit), cheaper when most rows are out of scope."""
+        return self._route_ids(self._route_query(images, texts, keys))
+
+    def _route_query(self, images: Any, texts: Any, keys: Any) -> np.ndarray:
         if keys is not None:
             if images is not None or texts is not None:
                 raise InvalidInputError("pass either keys or images/texts, not both")
@@ -489,7 +519,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
                 if t is None and ims[j] is None:
                     raise InvalidInputError(f"row {j} has neither image nor text")
             q = self._encode([None if im is None else normalize_image_arg(im) for im in ims], txs)
-        return self._route_keys(q)[0]
+        return q
 
     def __repr__(self) -> str:
         return f"EditMemory({len(self)} edits, encoder={getattr(self.encoder, 'name', '?')!r})"

@@ -194,15 +194,18 @@ class EditedModel:
             for k, v in enc.items()
         }
 
-    def _route(self, n: int, images: Any, texts: Any, keys: Any) -> Any:
+    def _route(self, n: int, images: Any, texts: Any, keys: Any, ids_only: bool = False) -> Any:
+        # ids_only: generate/forward need no explanation, and `route_ids` skips the candidate
+        # search for rows no scope can hold (an unedited input then costs one key scan)
+        route = self.memory.route_ids if ids_only else self.memory.route
         if keys is not None:
-            res = self.memory.route(keys=keys)
+            res = route(keys=keys)
         else:
             imgs = list(images) if images is not None else [None] * n
             txts = list(texts) if texts is not None else [None] * n
             if len(imgs) != n or len(txts) != n:
                 raise InvalidInputError(f"route_images/route_texts must have one entry per row ({n})")
-            res = self.memory.route(images=imgs, texts=txts)
+            res = route(images=imgs, texts=txts)
         if len(res) != n:
             raise InvalidInputError(f"routing gave {len(res)} rows for a batch of {n}")
         return res
@@ -217,10 +220,10 @@ class EditedModel:
                 " (and route_images=) or route_keys= with processor outputs;"
                 " disable_edits() runs the bare model"
             )
-        res = self._route(n, images, texts, keys)
-        ids = [int(e) for e in res.edit_ids]
-        if all(e < 0 for e in ids):
-            return None
+        routed = self._route(n, images, texts, keys, ids_only=True)
+        if not (routed >= 0).any():
+            return None  # the common case: the caller's own arguments go to the base model untouched
+        ids = routed.tolist()
         # the current version at fetch time: an edit revised or deleted since routing is not injected stale
         plan: list[PrefixKV | None] = []
         for e in ids:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 
 from . import backends as _bk
@@ -52,6 +53,9 @@ class SearchResult:
     edit_ids: np.ndarray  # int64, -1 padding
     in_scope: np.ndarray  # bool: some key of the edit has cos >= its threshold
     thresholds: np.ndarray  # float32 threshold of that key (+inf padding)
+    key_positions: np.ndarray | None = None
+    """int64 position of that key among the edit's keys in `ScopedIndex.keys_of` order (-1 padding);
+    filled by `ScopedIndex.search`, None from `match_details`."""
 
     @property
     def margins(self) -> np.ndarray:
@@ -60,24 +64,20 @@ class SearchResult:
             return np.where(self.edit_ids >= 0, self.scores - self.thresholds, -np.inf).astype(np.float32)
 
 
-def _padded(m: int, k: int) -> SearchResult:
+def _padded(m: int, k: int, positions: bool = False) -> SearchResult:
     return SearchResult(
         scores=np.full((m, k), -np.inf, dtype=np.float32),
         edit_ids=np.full((m, k), -1, dtype=np.int64),
         in_scope=np.zeros((m, k), dtype=bool),
         thresholds=np.full((m, k), np.inf, dtype=np.float32),
+        key_positions=np.full((m, k), -1, dtype=np.int64) if positions else None,
     )
 
 
-def _first_occurrences(edits: np.ndarray) -> np.ndarray:
-    """Mask of the first occurrence of each non-negative value in each row."""
-    order = np.argsort(edits, axis=1, kind="stable")
-    srt = np.take_along_axis(edits, order, axis=1)
-    first_sorted = np.ones_like(srt, dtype=bool)
-    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    first = np.empty_like(first_sorted)
-    np.put_along_axis(first, order, first_sorted, axis=1)
-    return first & (edits >= 0)
+def _first_edits(edits: list[int], k: int) -> list[int]:
+    """The first ``k`` distinct non-negative values, in order of first occurrence."""
+    out = [e for e in dict.fromkeys(edits) if e >= 0]
+    return out[:k]
 
 
 class ScopedIndex:
@@ -254,24 +254,61 @@ class ScopedIndex:
         with self._lock.read():
             t, s = self._table, self._struct
             if m == 0 or t.n_alive == 0:
-                return _padded(m, k)
-            chosen = np.full((m, k), -1, dtype=np.int64)
+                return _padded(m, k, positions=True)
+            chosen: list[list[int]] = [[] for _ in range(m)]
             kk = min(s.ntotal, k * math.ceil(t.n_alive / t.n_edits) + 8)
-            rows = np.arange(m)
-            while rows.shape[0]:
+            rows = list(range(m))
+            # Per-row Python over a few dozen candidates: cheaper than a dozen numpy calls for the
+            # small batches routing sends, and linear in rows for large ones.
+            while rows:
                 slots, _cos, exhausted = self._retrieve(q[rows], kk, t, s)
-                edits = np.where(slots >= 0, t.edit[np.maximum(slots, 0)], -1)
-                first = _first_occurrences(edits)
-                done = exhausted | (first.sum(axis=1) >= k) | (kk >= s.ntotal)
-                if done.any():
-                    sel = first & (np.cumsum(first, axis=1) <= k)
-                    pos = np.argsort(~sel[done], axis=1, kind="stable")[:, :k]
-                    got = np.take_along_axis(edits[done], pos, axis=1)
-                    keep = np.take_along_axis(sel[done], pos, axis=1)
-                    chosen[rows[done], : got.shape[1]] = np.where(keep, got, -1)
-                rows = rows[~done]
+                edits = np.where(slots >= 0, t.edit[np.maximum(slots, 0)], -1).tolist()
+                deepen = []
+                for r, row, ex in zip(rows, edits, exhausted.tolist(), strict=True):
+                    first = _first_edits(row, k)
+                    if ex or len(first) >= k or kk >= s.ntotal:
+                        chosen[r] = first
+                    else:
+                        deepen.append(r)
+                rows = deepen
                 kk = min(s.ntotal, kk * 4)
-            return self._describe(q, chosen, t)
+            return self._describe(q, chosen, k, t)
+
+    @property
+    def scan_error(self) -> float:
+        """Bound on how far a `scan_margins` value can be from the margin `search` computes for the
+        same key: both are float32 sums of ``dim`` products of unit rows, in different orders."""
+        return 1e-6 + self.dim * 2.0**-23
+
+    def scan_margins(self, queries: Any) -> np.ndarray:
+        """(m,) float32: per query, the largest ``cos - threshold`` over every live key (-inf if none).
+
+        One brute-force product over the whole table, whatever the structure: linear in the index
+        size, so a cheap way to rule queries out before a `search` while the index is small or flat.
+        A value below ``-scan_error`` proves no key holds the query (`search` and `match` then
+        report nothing in scope); anything else proves nothing.
+        """
+        q = as_unit_rows(queries, self.dim, name="queries")
+        m = q.shape[0]
+        with self._lock.read():
+            t = self._table
+            if m == 0 or t.n_alive == 0:
+                return np.full(m, -np.inf, dtype=np.float32)
+            n, vecs = t.n, t.vecs[: t.n]
+            live_thr = np.where(t.edit[:n] >= 0, t.thr[:n], np.float32(np.inf))
+            if m >= self.config.small_call_rows:
+                return (q @ vecs.T - live_thr).max(axis=1)
+            # Few queries (a routed call): FAISS' single-threaded SIMD kernel, one query at a time.
+            # A BLAS product this size would go multi-threaded, and on a busy machine its worker
+            # threads stall the call for milliseconds (the reason for `faiss_threads` too).
+            out = np.empty(m, dtype=np.float32)
+            buf = np.empty(n, dtype=np.float32)
+            for i in range(m):
+                faiss.fvec_inner_products_ny(faiss.swig_ptr(buf), faiss.swig_ptr(q[i]), faiss.swig_ptr(vecs),
+                                             self.dim, n)
+                buf -= live_thr
+                out[i] = buf.max()
+            return out
 
     def match(self, queries: Any) -> np.ndarray:
         """(m,) int64: per query the in-scope edit with the largest margin, -1 if none."""
@@ -409,38 +446,36 @@ class ScopedIndex:
         return slots, cos, ~valid.all(axis=1)
 
     @staticmethod
-    def _describe(q: np.ndarray, chosen: np.ndarray, t: KeyTable) -> SearchResult:
-        """Fill the (m, k) result for chosen edits using each edit's best-margin key over all its keys."""
-        m, k = chosen.shape
-        res = _padded(m, k)
-        flat = chosen.ravel()
-        pairs = np.flatnonzero(flat >= 0)
-        if pairs.shape[0] == 0:
+    def _describe(q: np.ndarray, chosen: list[list[int]], k: int, t: KeyTable) -> SearchResult:
+        """The (m, k) result for chosen edits using each edit's best-margin key over all its keys.
+
+        Rows are sorted by margin, then score (both descending), then id; within an edit, the
+        best-margin key with the higher cosine is reported.
+        """
+        m = q.shape[0]
+        res = _padded(m, k, positions=True)
+        pair_edit = [e for row in chosen for e in row]
+        if not pair_edit:
             return res
-        uniq, inv = np.unique(flat[pairs], return_inverse=True)
-        parts = [t.slots_of(e) for e in uniq.tolist()]
-        lens = np.array([p.shape[0] for p in parts], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        all_slots = np.concatenate(parts)
-        plen = lens[inv]
-        begin = np.cumsum(plen) - plen
-        idx = np.arange(int(plen.sum())) - np.repeat(begin, plen) + np.repeat(offsets[inv], plen)
-        key_slots = all_slots[idx]
-        pair_of_key = np.repeat(np.arange(pairs.shape[0]), plen)
-        rows = pairs // k
-        cos = np.einsum("nd,nd->n", q[rows[pair_of_key]], t.vecs[key_slots]).astype(np.float32)
+        n_pairs = len(pair_edit)
+        per_row = np.fromiter(map(len, chosen), dtype=np.int64, count=m)
+        pair_row = np.repeat(np.arange(m), per_row)
+        parts = [t.slots_of(e) for e in pair_edit]
+        plen = np.fromiter(map(len, parts), dtype=np.int64, count=n_pairs)
+        key_slots = np.concatenate(parts)
+        pair_of_key = np.repeat(np.arange(n_pairs), plen)
+        cos = np.einsum("nd,nd->n", q[pair_row[pair_of_key]], t.vecs[key_slots]).astype(np.float32)
         thr = t.thr[key_slots]
         margin = cos - thr
-        order = np.lexsort((-cos, -margin, pair_of_key))
-        best = order[begin]  # groups are contiguous and in pair order after the sort
-        scores = np.full(m * k, -np.inf, dtype=np.float32)
-        thrs = np.full(m * k, np.inf, dtype=np.float32)
-        scores[pairs] = cos[best]
-        thrs[pairs] = thr[best]
-        scores, thrs = scores.reshape(m, k), thrs.reshape(m, k)
-        margins = np.where(chosen >= 0, scores - thrs, -np.inf)
-        srt = np.lexsort((np.where(chosen >= 0, chosen, np.iinfo(np.int64).max), -scores, -margins), axis=1)
-        ids = np.take_along_axis(chosen, srt, axis=1)
-        sc = np.take_along_axis(scores, srt, axis=1)
-        th = np.take_along_axis(thrs, srt, axis=1)
-        return SearchResult(scores=sc, edit_ids=ids, in_scope=(ids >= 0) & (sc >= th), thresholds=th)
+        begin = np.cumsum(plen) - plen
+        # groups stay contiguous and in pair order; the first of each is its best key
+        best = np.lexsort((-cos, -margin, pair_of_key))[begin]
+        sc, th, mg = cos[best], thr[best], margin[best]
+        ids = np.asarray(pair_edit, dtype=np.int64)
+        order = np.lexsort((ids, -sc, -mg, pair_row))  # rows stay in pair order, sorted within
+        col = np.arange(n_pairs) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        at = (pair_row, col)
+        res.scores[at], res.thresholds[at], res.edit_ids[at] = sc[order], th[order], ids[order]
+        res.key_positions[at] = (best - begin)[order]  # type: ignore[index]
+        res.in_scope[at] = sc[order] >= th[order]
+        return res
