@@ -61,7 +61,7 @@ _PROBE_N = 16
 def weights_probe(model: Any) -> list[float] | None:
     """A few input-embedding values at fixed positions: tells two checkpoints of one architecture apart.
 
-    Compared with a tolerance (`_check_model`), so the same weights loaded in another dtype match;
+    Compared with a tolerance (`check_model`), so the same weights loaded in another dtype match;
     None when the weights cannot be read here (e.g. offloaded to the meta device).
     """
     try:
@@ -69,9 +69,11 @@ def weights_probe(model: Any) -> list[float] | None:
         if w.device.type == "meta" or w.dim() != 2:
             return None
         rows, cols = w.shape
-        g = torch.Generator().manual_seed(0)
-        r = torch.randint(0, rows, (_PROBE_N,), generator=g)
-        c = torch.randint(0, cols, (_PROBE_N,), generator=g)
+        # positions from plain integer arithmetic (not an RNG whose algorithm could change between
+        # torch versions), spread over the matrix; skip row 0, often a zeroed padding embedding
+        i = torch.arange(_PROBE_N)
+        r = (1 + (i * 2654435761 + 40503) % max(rows - 1, 1)) % rows
+        c = (i * 97 + 13) % cols
         with torch.no_grad():
             return [float(v) for v in w[r.to(w.device), c.to(w.device)].float().cpu()]
     except (AttributeError, NotImplementedError, RuntimeError, TypeError):
