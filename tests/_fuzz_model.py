@@ -173,7 +173,7 @@ def encoder_dir_cases(work: Path) -> tuple[list[BadCase], Path]:
 
     def evil_weights(d: Path) -> None:
         (d / weights).unlink()
-        (d / "open_clip_pytorch_model.bin").write_bytes(pickle.dumps(_Evil(marker)))
+        (d / "open_clip_pytorch_model.bin").write_bytes(pickle.dumps(_Evil(marker), protocol=2))
 
     variants = {
         "config not JSON": lambda d: (d / cfg).write_text("{nope"),
