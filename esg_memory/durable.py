@@ -41,7 +41,6 @@ from index._fs import fsync_dir, read_regular_file, recover_dir
 
 from .errors import ConfigError, FormatError, LockError
 from .journal import (
-    JournalGapError,
     JournalWriter,
     encode_abort,
     encode_attach,
@@ -185,7 +184,8 @@ def load_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str |
                 logger.info("replayed %d journal records onto %s", len(records), snap)
             return mem, last, segs, pos
         except (FormatError, OSError) as e:
-            moved = _ident(path / SNAPSHOT) != ident or isinstance(e, JournalGapError)
+            # a compaction swapped the snapshot (and may have dropped the segments it held) under us
+            moved = _ident(path / SNAPSHOT) != ident
             if not moved or attempt == attempts - 1:
                 if isinstance(e, OSError) and not isinstance(e, FormatError):
                     raise FormatError(f"{path}: unreadable ({e})") from None
