@@ -117,6 +117,9 @@ def cached_memory_dir(args: argparse.Namespace, base: Any, processor: Any, encod
 
     d = Path(args.cache) / f"service-{args.model}-{args.clip}-{n}"
     if (d / "edited_model.json").is_file():
+        # the cache was built for this same model (the name is in the path); rewrite its identity
+        # record so a change in how the library fingerprints models does not invalidate it
+        EditedModel.wrap(base, processor, memory=None, encoder=encoder)._save_meta(d)
         return d, None
     mem, build_s = build_memory(encoder, pool, n, args.chunk)
     tmp = d.with_name(d.name + ".tmp")

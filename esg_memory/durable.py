@@ -396,12 +396,17 @@ def _resume(mem: EditMemory, path: Path, lock: WriterLock, config: JournalConfig
     return Durable(path, lock, writer, pos["lineage"], pos["lsn"], config)
 
 
-def open_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str | None, readonly: bool,
-                 config: JournalConfig | None) -> EditMemory:
-    """`EditMemory.open` (see there)."""
+def _config(config: Any) -> JournalConfig:
     config = JournalConfig() if config is None else config
     if not isinstance(config, JournalConfig):
         raise ConfigError(f"journal must be a JournalConfig, not {type(config).__name__}")
+    return config
+
+
+def open_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str | None, readonly: bool,
+                 config: JournalConfig | None) -> EditMemory:
+    """`EditMemory.open` (see there)."""
+    config = _config(config)
     if readonly:
         if not is_durable(path):
             from .store import load_memory
@@ -468,7 +473,7 @@ def _snapshot_position(path: Path) -> dict[str, Any]:
 
 def attach_durable(mem: EditMemory, path: Path, config: JournalConfig | None) -> Durable:
     """Make a live (non-durable) memory durable at ``path`` (see `EditMemory.make_durable`)."""
-    config = JournalConfig() if config is None else config
+    config = _config(config)
     _refuse_foreign(path)
     lock = WriterLock(path).acquire()
     try:

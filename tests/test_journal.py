@@ -300,6 +300,12 @@ def test_closed_and_readonly_memories_refuse_writes(tmp_path):
     assert len(EditMemory.load(path, ENC)) == 1
     with pytest.raises(ConfigError, match="encoder"):
         EditMemory.open(tmp_path / "empty")
+    with pytest.raises(ConfigError):
+        JournalConfig(compact_bytes=-1)
+    with pytest.raises(ConfigError, match="JournalConfig"):
+        EditMemory.open(tmp_path / "new", ENC, journal={"compact_bytes": 1})
+    with pytest.raises(ConfigError, match="compact"):
+        EditMemory(ENC, CFG).compact()
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "chapter1.txt").write_text("precious")
     with pytest.raises(ConfigError, match="not an esg-memory directory"):
