@@ -52,11 +52,7 @@ class PersistenceMixin:
             self._durable._check()
             self.compact()
         elif path.is_dir() and _d.is_durable(path):
-            lock = _d.WriterLock(path).acquire()
-            try:
-                _d.install(self, path, lock, _d.JournalConfig()).close(self)
-            finally:
-                lock.release()
+            _d.save_into(self, path)
         else:
             with self._wlock, self._lock:
                 save_memory(self, path)

@@ -63,6 +63,7 @@ __all__ = [
     "is_durable",
     "load_durable",
     "open_durable",
+    "save_into",
 ]
 
 logger = logging.getLogger("esg_memory.durable")
@@ -179,7 +180,7 @@ def load_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str |
             records, segs = read_journal(path / JOURNAL, pos["lsn"])
             _replay(mem, live_records(records))
             last = records[-1][0] if records else pos["lsn"]
-            mem._origin = (str(path.resolve()), pos["lineage"], last)
+            mem._origin = mem._loaded_from = (str(path.resolve()), pos["lineage"], last)
             if records:
                 logger.info("replayed %d journal records onto %s", len(records), snap)
             return mem, last, segs, pos
@@ -471,6 +472,37 @@ def _snapshot_position(path: Path) -> dict[str, Any]:
     raise FormatError(f"{path / SNAPSHOT}: no readable journal position in memory.json")
 
 
+def _disk_position(path: Path) -> tuple[dict[str, Any], int, list]:
+    """(snapshot journal position, last lsn on disk, parsed segments) without loading the memory."""
+    pos = _snapshot_position(path)
+    records, segs = read_journal(path / JOURNAL, pos["lsn"])
+    return pos, records[-1][0] if records else pos["lsn"], segs
+
+
+def _refuse_stale(mem: EditMemory, path: Path, pos: dict[str, Any], last: int) -> None:
+    """Writing a copy loaded from ``path`` back over it is refused if another writer moved it on since."""
+    loaded = getattr(mem, "_loaded_from", None)
+    if loaded is not None and loaded[0] == str(path.resolve()) and loaded[1:] != (pos["lineage"], last):
+        raise LockError(
+            f"{path} was changed by another writer since this memory was loaded from it (journal at lsn "
+            f"{last}, loaded at {loaded[2]}); load it again instead of overwriting those writes"
+        )
+
+
+def save_into(mem: EditMemory, path: Path) -> None:
+    """`EditMemory.save` into a durable directory this memory is not open on: replace its content."""
+    lock = WriterLock(path).acquire()
+    try:
+        _clean(path)
+        pos, last, _ = _disk_position(path)
+        _refuse_stale(mem, path, pos, last)
+        d = install(mem, path, lock, JournalConfig(compact_on_close=False), disk_last=last)
+        d.lock = None  # released below
+        d.close(mem)
+    finally:
+        lock.release()
+
+
 def attach_durable(mem: EditMemory, path: Path, config: JournalConfig | None) -> Durable:
     """Make a live (non-durable) memory durable at ``path`` (see `EditMemory.make_durable`)."""
     config = _config(config)
@@ -479,9 +511,8 @@ def attach_durable(mem: EditMemory, path: Path, config: JournalConfig | None) ->
     try:
         if is_durable(path):
             _clean(path)
-            pos = _snapshot_position(path)
-            records, segs = read_journal(path / JOURNAL, pos["lsn"])
-            last = records[-1][0] if records else pos["lsn"]
+            pos, last, segs = _disk_position(path)
+            _refuse_stale(mem, path, pos, last)
             if mem._origin == (str(path.resolve()), pos["lineage"], last):
                 return _resume(mem, path, lock, config, last, segs, pos)
             logger.warning("replacing the memory in %s (at lsn %d) with this one (%d edits)",

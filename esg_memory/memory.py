@@ -103,6 +103,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         self._commit_hook: Callable[[dict[str, Any], Mapping[str, bytes]], None] | None = None
         self._durable: Any = None  # esg_memory.durable.Durable while opened durably
         self._origin: tuple[str, str, int] | None = None  # (dir, lineage, lsn) this state was loaded from
+        self._loaded_from: tuple[str, str, int] | None = None  # the same, kept after in-memory writes
         self._snapshot_journal: dict[str, Any] | None = None
         self._pool = np.zeros((0, int(encoder.dim)), dtype=np.float32)
         self._pool_images: list[str] = []

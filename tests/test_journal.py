@@ -340,6 +340,25 @@ def test_make_durable_resumes_or_replaces(tmp_path):
     other.close()
 
 
+def test_saving_a_loaded_copy_back_over_its_directory(tmp_path):
+    path = tmp_path / "m"
+    with new_durable(path) as mem:
+        for k in range(3):
+            mem.add(None, f"what is fact number {k}?", f"fact {k}")
+    copy = EditMemory.load(path, ENC)
+    copy.delete(0)
+    copy.save(path)  # unchanged on disk since loaded: replaced (journal positions continue)
+    assert sorted(e.id for e in EditMemory.load(path, ENC).list()) == [1, 2]
+    with EditMemory.open(path, ENC) as w:
+        w.add(None, "what is fact number 9?", "fact 9")
+    copy.add(None, "what is fact number 5?", "fact 5")
+    with pytest.raises(LockError, match="changed by another writer"):
+        copy.save(path)  # would silently drop fact 9
+    with pytest.raises(LockError, match="changed by another writer"):
+        copy.make_durable(path)
+    assert sorted(e.answer for e in EditMemory.load(path, ENC).list()) == ["fact 1", "fact 2", "fact 9"]
+
+
 # ------------------------------------------------------------------------------------ locks
 _HOLDER = """
 import sys, time
