@@ -26,7 +26,7 @@ from index.errors import ScopedIndexError
 
 from ._memory_encode import EncodingMixin
 from ._memory_feedback import FeedbackMixin
-from ._memory_inputs import InputsMixin
+from ._memory_inputs import InputsMixin, route_rows
 from ._memory_persist import PersistenceMixin
 from ._memory_route import RoutingMixin
 from ._memory_state import Derived, EditState, Plan, blobs_of
@@ -36,7 +36,6 @@ from ._memory_util import (
     check_encoder,
     check_keys,
     check_text,
-    normalize_image_arg,
     translate_index_error,
 )
 from .errors import (
@@ -505,22 +504,8 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         if keys is not None:
             if images is not None or texts is not None:
                 raise InvalidInputError("pass either keys or images/texts, not both")
-            q = check_keys(keys, None, int(self.encoder.dim), "keys")
-        else:
-            if images is None and texts is None:
-                raise InvalidInputError("route needs images, texts or keys")
-            n = len(texts) if texts is not None else len(images)
-            ims = [None] * n if images is None else list(images)
-            txs = [None] * n if texts is None else list(texts)
-            if len(ims) != len(txs):
-                raise InvalidInputError(f"{len(ims)} images but {len(txs)} texts")
-            for j, t in enumerate(txs):
-                if t is not None:
-                    check_text(t, f"texts[{j}]")
-                if t is None and ims[j] is None:
-                    raise InvalidInputError(f"row {j} has neither image nor text")
-            q = self._encode([None if im is None else normalize_image_arg(im) for im in ims], txs)
-        return q
+            return check_keys(keys, None, int(self.encoder.dim), "keys")
+        return self._encode(*route_rows(images, texts))
 
     def __repr__(self) -> str:
         return f"EditMemory({len(self)} edits, encoder={getattr(self.encoder, 'name', '?')!r})"

@@ -364,11 +364,22 @@ class EditedModel:
         out = []
         for i in range(len(res)):
             eid = int(res.edit_ids[i])
-            ans = self.memory.get(eid).answer if eid >= 0 else None
+            ans = self._routed_answer(eid, int(res.versions[i])) if eid >= 0 else None
             out.append(
                 Retrieval(i, eid, int(res.versions[i]), float(res.scores[i]), float(res.thresholds[i]),
                           float(res.margins[i]), ans, res.explain(i)))
         return out
+
+    def _routed_answer(self, edit_id: int, version: int) -> str | None:
+        """The answer of the version routing chose; None when the edit was deleted since (a concurrent
+        writer may delete or revise between routing and this read: neither may raise or mix versions)."""
+        try:
+            edit = self.memory.get(edit_id)
+            if edit.version == version:
+                return edit.answer
+            return next(v.answer for v in self.memory.history(edit_id) if v.version == version)
+        except (UnknownEditError, StopIteration):
+            return None
 
     @contextlib.contextmanager
     def disable_edits(self) -> Iterator[EditedModel]:
