@@ -7,10 +7,15 @@ Everything is measured in one run on the same inputs, on the tiny offline models
 
 * generate overhead: bare ``model.generate`` vs ``EditedModel.generate`` with 0 / 100 / 10k edits in
   memory, inputs out of scope and in scope, batch 1 and 8; the ratio with key encoding (routing from
-  images + prompts, encoder cache disabled so every call encodes) and without (``route_keys=``
-  reused). All calls generate exactly ``--new-tokens`` tokens (``min_new_tokens``) so bare and
-  wrapped do the same decoding work. Median of ``--reps`` interleaved repetitions.
-* edit lifecycle: add (memory + compiled adapter), compile alone, tune to exact match, delete.
+  images + prompts, the encoder cache cleared before every such call so each one encodes) and
+  without (``route_keys=`` reused). All calls generate exactly ``--new-tokens`` tokens
+  (``min_new_tokens``) so bare and wrapped do the same decoding work. ``--reps`` interleaved
+  repetitions (bare, keys, encode, bare, ...); min and median are kept, ratios use the same
+  statistic of both sides. The routing calls are also timed alone: ``route_ids`` (what a wrapped
+  call runs) and the full ``route`` (what ``retrieve`` runs).
+* edit lifecycle: add (memory + compiled adapter; the encoder's default cache, and cleared before
+  each add = cold), compile alone, tune to exact match, delete; add and delete again at the largest
+  memory size (a dense memory: every deleted edit has holders whose scopes are re-fitted).
 * reliability: fraction of edit inputs (and paraphrases / augmented images) answered with the target,
   with the compiled adapter vs the tuned one, and fraction of unrelated inputs left bit-identical.
   Honest caveat: random tiny models cannot follow instructions, so a compiled statement rarely
@@ -96,7 +101,7 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
     rng = np.random.default_rng(args.seed)
     model, proc = build_tiny(model_type, seed=args.seed)
     fam = get_family(model)
-    enc = ClipKeyEncoder("esg-tiny-clip", cache_size=0)  # cold: every routed call pays for encoding
+    enc = ClipKeyEncoder("esg-tiny-clip")  # its default cache; cleared where a cold call is measured
     mem = EditMemory(enc)
     em = EditedModel.wrap(model, proc, mem)
     res: dict[str, Any] = {"model_type": model_type, "params": int(model.num_parameters())}
@@ -104,11 +109,14 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
     # ---- lifecycle and reliability ---------------------------------------------------------------
     n_rel = args.reliability_edits
     specs = [edit_spec(100_000 + i, rng) for i in range(n_rel)]
-    add_t, compile_t, tune_t, tune_steps, exact = [], [], [], [], []
-    for s in tqdm(specs, desc=f"{model_type}: add", leave=False):
+    add_t, cold_t, compile_t, tune_t, tune_steps, exact = [], [], [], [], [], []
+    for j, s in enumerate(tqdm(specs, desc=f"{model_type}: add", leave=False)):
+        cold = j % 2 == 1  # alternate warm (default cache) and cold adds so both see the same load
+        if cold:
+            enc.clear_cache()
         t0 = time.perf_counter()
         eid = em.add_edit(s["image"], s["question"], s["answer"], tune="never")
-        add_t.append(time.perf_counter() - t0)
+        (cold_t if cold else add_t).append(time.perf_counter() - t0)
         s["id"] = eid
         t0 = time.perf_counter()
         a = em.runtime.compile(eid, 1, s["question"], s["answer"])
@@ -171,6 +179,7 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
         del_t.append(time.perf_counter() - t0)
     res["lifecycle"] = {
         "add_compiled_ms": med_ms(add_t),
+        "add_compiled_cold_cache_ms": med_ms(cold_t),
         "compile_only_ms": med_ms(compile_t),
         "tune_s": statistics.median(tune_t),
         "tune_steps": statistics.median(tune_steps),
@@ -236,12 +245,17 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                 expect = -1 if scope == "out" else None
                 ids = mem.route(keys=keys).edit_ids
                 assert (ids == -1).all() if expect == -1 else (ids >= 0).all(), (scope, ids)
+                # Each routing call right after a generate, as in a serving loop: the generate evicts
+                # the caches routing uses, which costs it about as much as the routing itself.
                 calls = {
                     "bare": lambda inputs=inputs: model.generate(**inputs, **gen),
+                    "route_ids": lambda keys=keys: mem.route_ids(keys=keys),
                     "keys": lambda inputs=inputs, keys=keys: em.generate(**inputs, route_keys=keys, **gen),
+                    "route": lambda keys=keys: mem.route(keys=keys),
                     "encode": lambda inputs=inputs, ims=ims, qs=qs: em.generate(
                         **inputs, route_images=ims, route_texts=qs, **gen
                     ),
+                    "route_encode": lambda ims=ims, qs=qs: mem.route_ids(images=ims, texts=qs),
                 }
                 with torch.no_grad():
                     for f in calls.values():
@@ -249,9 +263,10 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                     times: dict[str, list[float]] = {k: [] for k in calls}
                     for _ in range(args.reps):
                         for k, f in calls.items():
+                            if k in ("encode", "route_encode"):
+                                enc.clear_cache()  # outside the timed call: each one encodes
                             times[k] += timed(f, 1)
-                    route_keys = timed(lambda keys=keys: mem.route(keys=keys), 3 * args.reps)
-                    route_enc = timed(lambda ims=ims, qs=qs: mem.route(images=ims, texts=qs), args.reps)
+                    route_keys, route_enc = times["route_ids"], times["route_encode"]
                 row: dict[str, Any] = {"edits": n_edits + len(probes_in), "batch": bsz, "scope": scope}
                 for stat, fn in (("median", med_ms), ("min", lambda xs: 1000 * min(xs))):
                     b = fn(times["bare"])
@@ -265,51 +280,104 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                 # routing alone is what an out-of-scope call adds to the bare generate; timed in
                 # isolation it is far less noisy than the difference of two generate timings
                 row["route_keys_ms"] = med_ms(route_keys)
+                row["route_keys_min_ms"] = 1000 * min(route_keys)
+                row["route_full_ms"] = med_ms(times["route"])
                 row["route_encode_ms"] = med_ms(route_enc)
-                row["route_ratio_no_encoding"] = 1 + row["route_keys_ms"] / row["min"]["bare_ms"]
+                row["route_ratio_no_encoding"] = 1 + row["route_keys_ms"] / row["median"]["bare_ms"]
                 overhead.append(row)
         flush(res)  # a long run (10k edits) leaves usable partial results behind
+    res["lifecycle_at_size"] = lifecycle_at_size(em, mem, rng, args, have)
     return res
+
+
+def lifecycle_at_size(em: Any, mem: Any, rng: np.random.Generator, args: argparse.Namespace, have: int
+                      ) -> dict[str, Any]:
+    """Add and delete in the filled memory (the overhead loop's largest size): cost grows with density."""
+    from esg_memory.memory import EditMemory
+
+    assert isinstance(mem, EditMemory)
+    size = len(mem)
+    specs = [edit_spec(300_000 + i, rng) for i in range(args.reliability_edits)]
+    add_t, ids = [], []
+    for s in specs:
+        t0 = time.perf_counter()
+        ids.append(em.add_edit(s["image"], s["question"], s["answer"], tune="never"))
+        add_t.append(time.perf_counter() - t0)
+    filler = sorted(e for e in mem._edits if e < have)  # the fill's edits: ids 0..have-1
+    victims = [int(v) for v in rng.choice(filler, size=min(len(filler), len(ids)), replace=False)]
+    del_t, holders = [], []
+    for v in [*ids, *victims]:
+        holders.append(sum(v in st.nbrs for st in mem._edits.values()))
+        t0 = time.perf_counter()
+        em.delete_edit(v)
+        del_t.append(time.perf_counter() - t0)
+    return {
+        "edits": size,
+        "add_compiled_ms": med_ms(add_t),
+        "delete_ms": med_ms(del_t),
+        "delete_min_ms": 1000 * min(del_t) if del_t else float("nan"),
+        "holders_median": statistics.median(holders) if holders else 0,
+        "n": len(del_t),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "## Generate overhead (ms; ratio = wrapped / bare on the same inputs in the same run)",
         "",
-        "Min of interleaved repetitions (the machine is shared: noise only adds time). route = the",
-        "memory.route call alone (median), i.e. what an out-of-scope call adds to the bare generate.",
+        "Interleaved repetitions (bare, wrapped, ... in turn) on a shared machine: min (noise only adds",
+        "time) and, for keys reused, the median ratio too. route_ids = the routing a wrapped call runs",
+        "(median, timed alone right after a generate): what an out-of-scope call adds to the bare",
+        "generate; route = the full RouteResult (explanations, runner-up) that `retrieve` computes.",
         "",
-        "| model | edits | batch | scope | bare | wrapped, keys reused | ratio | wrapped, encoding | ratio "
-        "| route (keys) | route (encode) | 1 + route/bare |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | edits | batch | scope | bare | wrapped, keys reused | ratio (min) | ratio (median) "
+        "| wrapped, encoding | ratio | route_ids | route | route_ids, encoding | 1 + route_ids/bare |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fam in result["families"]:
         for o in fam["overhead"]:
-            m = o["min"]
+            m, md = o["min"], o["median"]
             lines.append(
                 f"| {fam['model_type']} | {o['edits']} | {o['batch']} | {o['scope']} | {m['bare_ms']:.1f} | "
                 f"{m['wrapped_no_encoding_ms']:.1f} | {m['ratio_no_encoding']:.3f} | "
+                f"{md['ratio_no_encoding']:.3f} | "
                 f"{m['wrapped_with_encoding_ms']:.1f} | {m['ratio_with_encoding']:.3f} | "
-                f"{o['route_keys_ms']:.2f} | {o['route_encode_ms']:.2f} | "
-                f"{o['route_ratio_no_encoding']:.3f} |"
+                f"{o['route_keys_ms']:.2f} | {o.get('route_full_ms', float('nan')):.2f} | "
+                f"{o['route_encode_ms']:.2f} | {o['route_ratio_no_encoding']:.3f} |"
             )
     lines += [
         "",
         "## Edit lifecycle and reliability (tiny random models)",
         "",
-        "| model | add (compiled) ms | compile only ms | tune s (steps) | exact | delete ms | "
-        "compiled acc | tuned acc | routed | tuned acc when routed | unrelated identical |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | add (compiled) ms | add, cold cache ms | compile only ms | tune s (steps) | exact | "
+        "delete ms | compiled acc | tuned acc | routed | tuned acc when routed | unrelated identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fam in result["families"]:
         lc, rl = fam["lifecycle"], fam["reliability"]
         lines.append(
-            f"| {fam['model_type']} | {lc['add_compiled_ms']:.1f} | {lc['compile_only_ms']:.2f} | "
+            f"| {fam['model_type']} | {lc['add_compiled_ms']:.1f} | "
+            f"{lc.get('add_compiled_cold_cache_ms', float('nan')):.1f} | {lc['compile_only_ms']:.2f} | "
             f"{lc['tune_s']:.2f} ({lc['tune_steps']:.0f}) | {lc['tune_exact_frac']:.2f} | "
             f"{lc['delete_ms']:.1f} | {rl['compiled']:.2f} | {rl['tuned']:.2f} | {rl['routed']:.2f} | "
             f"{rl.get('tuned_given_routed', float('nan')):.2f} | "
             f"{rl['unrelated_bit_identical']} |"
         )
+    lines += [
+        "",
+        "At the largest memory size (a dense one: the tiny encoder's keys are all alike, so every",
+        "deleted edit has holders whose neighbour sets and scopes are recomputed):",
+        "",
+        "| model | edits | add (compiled) ms | delete ms (median) | delete ms (min) | holders per delete |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for fam in result["families"]:
+        z = fam.get("lifecycle_at_size")
+        if z:
+            lines.append(
+                f"| {fam['model_type']} | {z['edits']} | {z['add_compiled_ms']:.1f} | {z['delete_ms']:.1f} | "
+                f"{z['delete_min_ms']:.1f} | {z['holders_median']:.0f} |"
+            )
     lines += [
         "",
         "Memory fill time (add_many, s): "
