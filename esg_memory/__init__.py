@@ -35,6 +35,9 @@ _LAZY = {
     "EditedModelConfig": "model",
     "load_base_model": "loading",
     "load_encoder": "loading",
+    "JournalConfig": "durable",
+    "run_eval": "eval",
+    "EvalConfig": "eval",
 }
 
 __all__ = [*_errors.__all__, "__version__", *sorted(_LAZY)]

@@ -27,7 +27,9 @@ log = logging.getLogger("esg_memory.cli")
 #: Exit codes: 0 ok, 1 refused by the library (bad input, unknown id, ...), 2 usage, 3 unexpected failure.
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 
-BENCHMARKS = ("index", "routing", "fusion", "wrapper", "service", "default")
+BENCHMARKS = (
+    "index", "routing", "fusion", "wrapper", "service", "default", "memory_scale", "journal", "reliability",
+)
 
 
 # --------------------------------------------------------------------------- session

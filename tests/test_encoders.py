@@ -474,3 +474,24 @@ def test_concurrent_calls_agree_and_count_every_lookup(images):
         np.testing.assert_allclose(r, want, atol=1e-5)
     info = e.cache_info()
     assert info.hits + info.misses == 8 * 7 and info.size == 6  # 7 lookups per call, 6 distinct items
+
+
+def test_a_memory_made_with_a_shipped_encoder_reloads_without_naming_it(tmp_path):
+    from esg_memory import EditMemory
+    from esg_memory.encoders import ClipKeyEncoder
+    from esg_memory.errors import ConfigError
+
+    shipped = ClipKeyEncoder("esg-tiny-clip")
+    assert shipped.spec == "esg-tiny-clip"
+    mem = EditMemory(shipped)
+    mem.add(question="what is it?", answer="a lynx")
+    mem.save(tmp_path / "m")
+    again = EditMemory.load(tmp_path / "m")
+    assert again.encoder.name == shipped.name and len(again) == 1
+    # non-default options are not captured by a name: the user must pass the encoder
+    custom = ClipKeyEncoder("esg-tiny-clip", image_weight=0.7)
+    assert custom.spec is None
+    mem = EditMemory(custom)
+    mem.save(tmp_path / "c")
+    with pytest.raises(ConfigError, match="pass encoder="):
+        EditMemory.load(tmp_path / "c")

@@ -323,6 +323,11 @@ class ClipKeyEncoder(_CachedTowers):
         register_tiny_clip()
         from ..pretrained import is_pretrained_name, pretrained_path
 
+        # A shipped name with default options is all a saved memory needs to rebuild this encoder
+        # (`EditMemory.load(dir)` without encoder=); local paths are never recorded: they are machine paths.
+        shipped = is_pretrained_name(model_name) or model_name == TINY_CLIP_NAME
+        defaults = fuse == "sum" and image_weight == 0.5 and seed == 0
+        self.spec: str | None = model_name if shipped and pretrained is None and defaults else None
         if is_pretrained_name(model_name) and pretrained is None:
             # a model shipped inside the package (esg_memory/assets/<name>/) is a local-dir: model
             model_name = f"local-dir:{pretrained_path(model_name)}"
