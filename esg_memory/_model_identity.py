@@ -1,4 +1,4 @@
-"""Which base model an edited-model directory was saved for, and refusing to load it for another.
+"""Opening an edited-model directory: which base model and encoder it was saved for, refusing others.
 
 `EditedModel.save` writes ``edited_model.json`` next to the memory: the model type, the architecture
 fingerprint adapters are stamped with (`ModelSpec.fingerprint`) and a small sample of the input
@@ -15,10 +15,20 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError, ModelMismatchError
+from .errors import ConfigError, EncoderMismatchError, FormatError, ModelMismatchError
 from .families import get_family
 
-__all__ = ["MEMORY_DIR", "META_FILE", "MODEL_FORMAT_VERSION", "check_model", "read_meta", "weights_probe"]
+__all__ = [
+    "MEMORY_DIR",
+    "META_FILE",
+    "MODEL_FORMAT_VERSION",
+    "check_encoder",
+    "check_model",
+    "hub_kwargs",
+    "open_memory",
+    "read_meta",
+    "weights_probe",
+]
 
 MODEL_FORMAT_VERSION = 1
 META_FILE = "edited_model.json"
@@ -106,3 +116,35 @@ def check_model(path: Path, model: Any) -> None:
             f"{path} was saved for another model: {'; '.join(diffs)}. To reuse its edits with this model "
             f"anyway, pass memory=EditMemory.load({str(path / MEMORY_DIR)!r}) (adapters are recompiled)"
         )
+
+
+def open_memory(path: Path, encoder: Any, durable: bool = False) -> tuple[Any, dict | None]:
+    from .memory import EditMemory
+
+    meta = read_meta(path)
+    if meta is not None:
+        path = path / MEMORY_DIR
+    new = not path.exists() or (meta is None and path.is_dir() and not any(path.iterdir()))
+    if new and encoder is None:
+        raise ConfigError(f"{path} does not exist; pass encoder= to start a new memory there")
+    if durable:
+        # a new durable wrapper directory gets the wrapper layout (DIR/edited_model.json + DIR/memory)
+        return EditMemory.open(path / MEMORY_DIR if new and meta is None else path, encoder), meta
+    if new:
+        return EditMemory(encoder), meta
+    return EditMemory.load(path, encoder=encoder), meta
+
+
+def check_encoder(memory: Any, encoder: Any) -> None:
+    if encoder is None:
+        return
+    mine = memory.encoder
+    if int(encoder.dim) != int(mine.dim):
+        raise EncoderMismatchError(f"encoder dim {encoder.dim} != memory's encoder dim {mine.dim}")
+    if getattr(encoder, "name", None) != getattr(mine, "name", None):
+        raise EncoderMismatchError(f"encoder {encoder.name!r} differs from the memory's {mine.name!r}")
+
+
+def hub_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
+    keep = ("revision", "cache_dir", "local_files_only", "token", "trust_remote_code")
+    return {k: v for k, v in hf_kwargs.items() if k in keep}

@@ -21,24 +21,26 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from index._fs import atomic_write_bytes
 
 from ._memory_util import check_text, normalize_image_arg
+from ._model_config import EditedModelConfig, Retrieval, TuneMode, config_from_meta
 from ._model_identity import MEMORY_DIR as _MEMORY_DIR
 from ._model_identity import META_FILE as _META_FILE
 from ._model_identity import MODEL_FORMAT_VERSION, weights_probe
+from ._model_identity import check_encoder as _check_encoder
 from ._model_identity import check_model as _check_model
-from ._model_identity import read_meta as _read_meta
-from .adapters import Adapter, AdapterConfig, AdapterRuntime, TuneReport, tuning_examples
+from ._model_identity import hub_kwargs as _hub_kwargs
+from ._model_identity import open_memory as _open_memory
+from .adapters import Adapter, AdapterRuntime, TuneReport, tuning_examples
 from .errors import (
     ConfigError,
-    EncoderMismatchError,
     FormatError,
     InvalidInputError,
     UnknownEditError,
@@ -50,46 +52,7 @@ __all__ = ["EditedModel", "EditedModelConfig", "Retrieval"]
 logger = logging.getLogger(__name__)
 
 ADAPTER_KIND = "adapter"
-TuneMode = Literal["never", "sync", "background"]
 _OWN = frozenset({"base_model", "family", "memory", "runtime", "processor", "edit_config", "tune_reports"})
-
-
-@dataclass
-class EditedModelConfig:
-    """Wrapper behaviour; saved next to the memory by :meth:`EditedModel.save`."""
-
-    adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    """How adapters are compiled, tuned and stored."""
-    tune: TuneMode = "never"
-    """Default for ``add_edit(tune=None)``."""
-    n_paraphrases: int = 4
-    """Generated question rewrites (``question_templates``) added to the tuning examples."""
-    n_augmented_images: int = 2
-    """Generated views of the edit image (``augment_image``) added to the tuning examples."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.adapters, dict):
-            self.adapters = AdapterConfig(**self.adapters)
-        if self.tune not in ("never", "sync", "background"):
-            raise ConfigError(f"tune must be 'never', 'sync' or 'background', not {self.tune!r}")
-        if self.n_paraphrases < 0 or self.n_augmented_images < 0:
-            raise ConfigError("n_paraphrases and n_augmented_images must be >= 0")
-
-
-@dataclass(frozen=True)
-class Retrieval:
-    """Why one row did or did not get an edit."""
-
-    row: int
-    edit_id: int
-    """-1 when no edit is in scope."""
-    version: int
-    score: float
-    threshold: float
-    margin: float
-    answer: str | None
-    """The edit's answer when in scope."""
-    explanation: str
 
 
 class EditedModel:
@@ -136,7 +99,7 @@ class EditedModel:
             memory = EditMemory(encoder)
         _check_encoder(memory, encoder)
         if config is None and meta is not None:
-            config = _config_from_meta(meta)
+            config = config_from_meta(meta)
         em = cls(model, processor, memory, config)
         if durable and meta is None and directory is not None and \
                 memory.durable_path == (directory / _MEMORY_DIR).resolve():
@@ -518,48 +481,6 @@ class EditedModel:
             self._executor = None
         if getattr(self, "_owns_memory", False):  # opened durably by wrap: snapshot, release the lock
             self.memory.close()
-
-
-def _open_memory(path: Path, encoder: Any, durable: bool = False) -> tuple[Any, dict | None]:
-    from .memory import EditMemory
-
-    meta = _read_meta(path)
-    if meta is not None:
-        path = path / _MEMORY_DIR
-    new = not path.exists() or (meta is None and path.is_dir() and not any(path.iterdir()))
-    if new and encoder is None:
-        raise ConfigError(f"{path} does not exist; pass encoder= to start a new memory there")
-    if durable:
-        # a new durable wrapper directory gets the wrapper layout (DIR/edited_model.json + DIR/memory)
-        return EditMemory.open(path / _MEMORY_DIR if new and meta is None else path, encoder), meta
-    if new:
-        return EditMemory(encoder), meta
-    return EditMemory.load(path, encoder=encoder), meta
-
-
-def _config_from_meta(meta: dict) -> EditedModelConfig:
-    try:
-        cfg = EditedModelConfig(**meta.get("config", {}))
-    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
-        raise FormatError(f"saved wrapper config is invalid: {exc}") from None
-    if not isinstance(cfg.adapters, AdapterConfig):
-        raise FormatError("saved wrapper config is invalid: 'adapters' must be an object")
-    return cfg
-
-
-def _check_encoder(memory: Any, encoder: Any) -> None:
-    if encoder is None:
-        return
-    mine = memory.encoder
-    if int(encoder.dim) != int(mine.dim):
-        raise EncoderMismatchError(f"encoder dim {encoder.dim} != memory's encoder dim {mine.dim}")
-    if getattr(encoder, "name", None) != getattr(mine, "name", None):
-        raise EncoderMismatchError(f"encoder {encoder.name!r} differs from the memory's {mine.name!r}")
-
-
-def _hub_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
-    keep = ("revision", "cache_dir", "local_files_only", "token", "trust_remote_code")
-    return {k: v for k, v in hf_kwargs.items() if k in keep}
 
 
 def _pil(image: Any) -> Any:
