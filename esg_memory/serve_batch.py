@@ -6,19 +6,17 @@ None of this imports FastAPI, so the service core can be used (and benchmarked) 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from index._sync import RWLock  # the index's writer-preferring lock serves the service too
 
-from .errors import LockError
+from .durable import WriterLock
 
 __all__ = ["DirectoryLock", "MicroBatcher", "OverloadedError", "RWLock"]
 
@@ -142,41 +140,12 @@ class MicroBatcher:
             job.future.set_result(res)
 
 
-class DirectoryLock:
+class DirectoryLock(WriterLock):
     """An exclusive advisory lock (``flock``) on ``<dir>/.esg-serve.lock``: one writing server per memory.
 
-    Two writers on one directory would each save their own snapshot over the other's; the second
-    server is refused with `LockError` instead. Released on `release` or when the process dies.
+    The durable memory's own writer lock already refuses a second writer of the memory; this one
+    also covers the wrapper's files next to it (``edited_model.json``), and refuses a second
+    server before it spends seconds loading models. Released on `release` or when the process dies.
     """
 
     FILE = ".esg-serve.lock"
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.path = Path(directory) / self.FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> DirectoryLock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks; document rather than pretend
-            logger.warning("no fcntl here: %s is not protected against a second server", self.path)
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise LockError(f"another server is writing {self.path.parent} ({self.path} is locked)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
