@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,12 @@ logger = logging.getLogger("esg_memory.memory")
 
 #: ``MemoryConfig.settle`` values: see `esg_memory.types.MemoryConfig.settle`.
 SETTLE_MODES = ("background", "sync", "manual")
+
+#: The settler waits this long before taking the writer lock: the delete call returns without the
+#: settler holding the GIL against it, and a burst of deletes is settled as one write.
+SETTLE_DELAY_S = 0.002
+#: An idle settler thread exits after this long (a delete wakes a live one: no thread start per delete).
+SETTLER_IDLE_S = 2.0
 
 
 class _DropPlan:
@@ -57,6 +64,7 @@ class SettleMixin:
     def _init_settle(self: EditMemory) -> None:
         self._pending: dict[int, str | None] = {}  # deleted id -> its answer, holders not yet re-fitted
         self._settle_running = False  # a background settler is (about to be) running; under _wlock
+        self._settle_wake = threading.Event()
         self._settle_thread: threading.Thread | None = None
         self.last_settle_error: str | None = None
 
@@ -125,9 +133,10 @@ class SettleMixin:
 
     # ------------------------------------------------------------------ background settling
     def _start_settler(self: EditMemory) -> None:
-        """Start the settler thread unless one is running (caller holds the writer lock)."""
+        """Wake the settler thread, or start it (caller holds the writer lock)."""
+        self._settle_wake.set()
         if self._settle_running:
-            return  # it re-checks the pending set under the lock before it exits
+            return  # it decides to exit only under the writer lock, seeing this wake-up
         self._settle_running = True
         t = threading.Thread(target=self._settler, name="esg-settle", daemon=True)
         self._settle_thread = t
@@ -136,10 +145,14 @@ class SettleMixin:
     def _settler(self: EditMemory) -> None:
         try:
             while True:
+                woke = self._settle_wake.wait(SETTLER_IDLE_S)
+                if woke:
+                    time.sleep(SETTLE_DELAY_S)
                 with self._wlock:
-                    if not self._pending:
+                    if not self._settle_wake.is_set() and not self._pending:
                         self._settle_running = False
                         return
+                    self._settle_wake.clear()
                     self._settle_locked()
         except Exception as e:  # the deletions stay pending; the next write or settle() retries
             self.last_settle_error = f"{type(e).__name__}: {e}"

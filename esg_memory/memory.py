@@ -33,6 +33,7 @@ from ._memory_settle import SettleMixin
 from ._memory_state import Derived, EditState, Plan
 from ._memory_util import (
     MAX_TEXT_CHARS,
+    CrossCache,
     NeighbourTable,
     check_encoder,
     check_keys,
@@ -96,7 +97,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         self._attachments: dict[tuple[int, int, str], bytes] = {}
         self._retired: set[int] = set()
         self._next_id = 0
-        self._crosses: dict[tuple[int, int], tuple[np.ndarray, list[str]]] = {}
+        self._crosses = CrossCache()
         self._table = NeighbourTable(int(encoder.dim))
         self._keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._derived: tuple[dict[int, EditState], Derived] | None = None  # see _derived_index
@@ -200,11 +201,11 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
                         self._table.remove(eid)
                         self._table.add(eid, new.vec.cand)
             gone = plan.changed_vec | {e for e, s in plan.over.items() if s is None}
-            for k in [k for k in self._crosses if k[0] in gone or k[1] in gone]:
+            for k in self._crosses.pairs_of(gone):
                 del self._crosses[k]
             self._crosses.update(plan.new_cross)
             touched = set(plan.over)
-            for k in [k for k in self._crosses if k[0] in touched or k[1] in touched]:
+            for k in self._crosses.pairs_of(touched):
                 # Keep a cross pair only while one side still crosses the other (bounded cache).
                 if not (self._crossed(*k) or self._crossed(k[1], k[0])):
                     del self._crosses[k]
