@@ -1,7 +1,7 @@
 """Latency of one `EditMemory.delete` call: synchronous re-fit of the holders vs two-phase delete.
 
     python benchmarks/bench_delete.py                      # N = 12, 100, 1000; 12 deletes per mode
-    python benchmarks/bench_delete.py --sizes 12 100 1000 10000 --deletes 20
+    python benchmarks/bench_delete.py --sizes 10000 --deletes 8 --out benchmarks/results/bench_delete_10k.json
 
 For each size one memory of N easy-vqa edits is built (the untrained ``esg-tiny-clip`` puts them all
 within the neighbour radius: the dense worst case, where every deleted edit has full neighbour sets
