@@ -35,6 +35,7 @@ class FeedbackMixin:
         a key only when no negative falls inside the new ball.
         """
         with self._wlock:
+            self._settle_locked()
             if expected_edit_id is not None:
                 self._state(expected_edit_id)
             blobs: dict[str, bytes] = {}
@@ -83,6 +84,7 @@ class FeedbackMixin:
     def attach(self, edit_id: int, kind: str, data: bytes, version: int | None = None) -> None:
         """Store opaque bytes (e.g. a serialised adapter) for one version of an edit."""
         with self._wlock:
+            self._settle_locked()
             st = self._state(edit_id)
             if not isinstance(kind, str) or not 0 < len(kind) <= 64 or not set(kind) <= _ATTACH_KINDS:
                 raise InvalidInputError("attachment kind must be 1-64 characters of [A-Za-z0-9_.-]")

@@ -48,6 +48,7 @@ class PersistenceMixin:
         from .store import save_memory
 
         path = Path(path)
+        self.settle()  # a snapshot holds settled scopes only (see esg_memory._memory_settle)
         if self._durable is not None and not self._durable.closed and self.durable_path == path.resolve():
             self._durable._check()
             self.compact()
@@ -98,6 +99,7 @@ class PersistenceMixin:
         with self._wlock:
             if self._durable is not None and not self._durable.closed:
                 raise ConfigError(f"this memory is already durable at {self._durable.path}")
+            self._settle_locked()
             self._durable = attach_durable(self, Path(path), journal)
 
     @property
@@ -115,8 +117,11 @@ class PersistenceMixin:
 
     def close(self) -> None:
         """Finish background compaction, snapshot (see `JournalConfig.compact_on_close`), release the lock."""
-        if self._durable is not None:
-            self._durable.close(self)
+        d = self._durable
+        if d is not None:
+            if not d.closed and not d.readonly:
+                self.settle()  # journaled now rather than redone by the next open
+            d.close(self)
 
     def __enter__(self) -> EditMemory:
         return self

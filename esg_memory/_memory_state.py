@@ -391,9 +391,18 @@ class Plan:
             self.table = table
         gone = self.get(eid)
         assert gone is not None
-        holders = self._holders(eid)
         self.over[eid] = None
         self.fresh.remove(eid)
+        return self.release(eid, gone.current.answer)
+
+    def release(self, eid: int, answer: str | None) -> set[int]:
+        """The holders' half of `remove`: ``eid`` (whose answer was ``answer``) is already gone.
+
+        Split out for a deferred delete (`esg_memory._memory_settle`): the edit leaves the memory at
+        once, and its holders are revisited here later, with the same result — ``eid`` is neither in
+        the committed table nor in this overlay, and the holders are found from their neighbour sets.
+        """
+        holders = self._holders(eid)
         cfg = self.config
         states = {i: self.get(i) for i in holders}
         cap = cfg.max_neighbours
@@ -408,7 +417,7 @@ class Plan:
             nbrs = {n: v for n, v in st.nbrs.items() if n != eid}
             ranked = sorted(st.nbrs.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.neighbour_k]
             gave_negatives = any(n == eid for n, _ in ranked) or (
-                cfg.separate_same_answer or gone.current.answer != st.current.answer
+                cfg.separate_same_answer or answer != st.current.answer
             )
             if gave_negatives:
                 self.put(replace(st, nbrs=nbrs))

@@ -30,6 +30,7 @@ from .types import EditVersion
 
 __all__ = [
     "MAX_TEXT_CHARS",
+    "CrossCache",
     "NeighbourTable",
     "check_encoder",
     "check_keys",
@@ -121,6 +122,52 @@ def translate_index_error(e: ScopedIndexError) -> EsgMemoryError:
     if isinstance(e, IndexFormatError):
         return FormatError(msg)
     return InvalidInputError(msg)
+
+
+class CrossCache:
+    """Cross hard-negative blocks per edit pair ``(lower id, higher id)``, also indexed by edit.
+
+    The per-edit index lets a write drop the pairs of the edits it touched in time proportional to
+    those pairs, not to every pair cached (a delete must not scan the whole memory).
+    """
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[int, int], tuple[np.ndarray, list[str]]] = {}
+        self._of: dict[int, set[tuple[int, int]]] = {}
+
+    def get(self, key: tuple[int, int]) -> tuple[np.ndarray, list[str]] | None:
+        return self._pairs.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __setitem__(self, key: tuple[int, int], value: tuple[np.ndarray, list[str]]) -> None:
+        self._pairs[key] = value
+        for e in key:
+            self._of.setdefault(e, set()).add(key)
+
+    def __delitem__(self, key: tuple[int, int]) -> None:
+        del self._pairs[key]
+        for e in key:
+            held = self._of.get(e)
+            if held is not None:
+                held.discard(key)
+                if not held:
+                    del self._of[e]
+
+    def update(self, pairs: dict[tuple[int, int], tuple[np.ndarray, list[str]]]) -> None:
+        for k, v in pairs.items():
+            self[k] = v
+
+    def pairs_of(self, ids: set[int]) -> list[tuple[int, int]]:
+        """Every cached pair with a side in ``ids`` (sorted, so callers may delete while iterating)."""
+        out: set[tuple[int, int]] = set()
+        for e in ids:
+            out |= self._of.get(e, set())
+        return sorted(out)
 
 
 class NeighbourTable:

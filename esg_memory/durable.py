@@ -163,8 +163,14 @@ def _ident(snap: Path) -> tuple[int, int] | None:
         return None
 
 
-def load_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str | None, *, attempts: int = 20):
-    """(memory, last lsn, parsed segments, snapshot journal position) of a durable directory."""
+def load_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str | None, *, attempts: int = 20,
+                 settle: bool = True):
+    """(memory, last lsn, parsed segments, snapshot journal position) of a durable directory.
+
+    ``settle``: finish, in memory, the deletes the journal left pending (a crash between a deferred
+    delete and its settle record); a writer passes False and settles them journaled once it holds
+    the journal.
+    """
     from .store import load_memory
 
     for attempt in range(attempts):
@@ -179,6 +185,8 @@ def load_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str |
                 raise FormatError(f"{snap}: a durable snapshot must record its journal position")
             records, segs = read_journal(path / JOURNAL, pos["lsn"])
             _replay(mem, live_records(records))
+            if settle:
+                mem.settle()  # not journaled: no journal is attached yet; replay redoes it the same
             last = records[-1][0] if records else pos["lsn"]
             mem._origin = mem._loaded_from = (str(path.resolve()), pos["lineage"], last)
             if records:
@@ -289,6 +297,7 @@ class Durable:
             return None
         try:
             with mem._wlock:
+                mem._settle_locked()  # a snapshot holds no pending delete (its record precedes it)
                 w = self._check()
                 lsn = w.next_lsn - 1
                 w.rotate()
@@ -424,8 +433,9 @@ def open_durable(cls: type[EditMemory], path: Path, encoder: Any, backend: str |
     try:
         if is_durable(path):
             _clean(path)
-            mem, last, segs, pos = load_durable(cls, path, encoder, backend, attempts=1)
+            mem, last, segs, pos = load_durable(cls, path, encoder, backend, attempts=1, settle=False)
             mem._durable = _resume(mem, path, lock, config, last, segs, pos)
+            mem.settle()  # a crash left deletes pending: their settle record is written now
         else:
             mem = _fresh_or_plain(cls, path, encoder, backend)
             mem._durable = install(mem, path, lock, config)

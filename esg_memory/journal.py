@@ -447,6 +447,7 @@ def _replay(mem: EditMemory, records: list[tuple[int, dict, dict]]) -> None:
     versions: dict[int, int | None] = {}  # current version per edit as of the record being replayed
     blobs: dict[str, bytes] = {}
     atts = mem._attachments
+    pending = dict(mem._pending)  # deferred deletes not settled yet (see esg_memory._memory_settle)
 
     def version_of(eid: int) -> int | None:
         if eid in versions:
@@ -467,7 +468,7 @@ def _replay(mem: EditMemory, records: list[tuple[int, dict, dict]]) -> None:
                 raise FormatError(f"journal record {lsn}: attachment fails its checksum")
             atts[(eid, ver, name)] = data
             continue
-        if kind not in ("add_many", "new_version", "delete", "feedback"):
+        if kind not in ("add_many", "new_version", "delete", "feedback", "settle"):
             raise FormatError(f"journal record {lsn}: unknown operation {kind!r}")
         for e in doc["states"]:
             eid = int(e["id"])
@@ -496,6 +497,14 @@ def _replay(mem: EditMemory, records: list[tuple[int, dict, dict]]) -> None:
             mem._retired.add(eid)
             for k in [k for k in atts if k[0] == eid]:
                 del atts[k]
+            if op.get("deferred"):  # its holders are re-fitted by a later settle record
+                answer = op["answer"]
+                if answer is not None and not isinstance(answer, str):
+                    raise FormatError(f"journal record {lsn}: bad answer of deferred delete {eid}")
+                pending[eid] = answer
+        elif kind == "settle":
+            for eid in (int(x) for x in op["deleted"]):
+                pending.pop(eid, None)
 
     over: dict[int, EditState | None] = {}
     changed: set[int] = set()
@@ -515,3 +524,4 @@ def _replay(mem: EditMemory, records: list[tuple[int, dict, dict]]) -> None:
         if eid in with_vec:
             changed.add(eid)
     mem._apply(_ReplayPlan(over, changed), blobs, mem._gc_blobs)
+    mem._pending = pending

@@ -29,9 +29,11 @@ from ._memory_feedback import FeedbackMixin
 from ._memory_inputs import InputsMixin, route_rows
 from ._memory_persist import PersistenceMixin
 from ._memory_route import RoutingMixin
-from ._memory_state import Derived, EditState, Plan, blobs_of
+from ._memory_settle import SettleMixin
+from ._memory_state import Derived, EditState, Plan
 from ._memory_util import (
     MAX_TEXT_CHARS,
+    CrossCache,
     NeighbourTable,
     check_encoder,
     check_keys,
@@ -57,7 +59,7 @@ __all__ = ["MAX_TEXT_CHARS", "EditMemory"]
 logger = logging.getLogger("esg_memory.memory")
 
 
-class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, PersistenceMixin):
+class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, PersistenceMixin, SettleMixin):
     """Edits keyed by image+question, each with a learned scope; see the module docstring.
 
     ``locality_pool``: unrelated inputs every edit must *not* answer — a sequence of text strings
@@ -95,7 +97,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         self._attachments: dict[tuple[int, int, str], bytes] = {}
         self._retired: set[int] = set()
         self._next_id = 0
-        self._crosses: dict[tuple[int, int], tuple[np.ndarray, list[str]]] = {}
+        self._crosses = CrossCache()
         self._table = NeighbourTable(int(encoder.dim))
         self._keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._derived: tuple[dict[int, EditState], Derived] | None = None  # see _derived_index
@@ -104,6 +106,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         self._origin: tuple[str, str, int] | None = None  # (dir, lineage, lsn) this state was loaded from
         self._loaded_from: tuple[str, str, int] | None = None  # the same, kept after in-memory writes
         self._snapshot_journal: dict[str, Any] | None = None
+        self._init_settle()
         self._pool = np.zeros((0, int(encoder.dim)), dtype=np.float32)
         self._pool_images: list[str] = []
         self._pool_image_vecs = np.zeros((0, int(encoder.dim)), dtype=np.float32)
@@ -198,11 +201,11 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
                         self._table.remove(eid)
                         self._table.add(eid, new.vec.cand)
             gone = plan.changed_vec | {e for e, s in plan.over.items() if s is None}
-            for k in [k for k in self._crosses if k[0] in gone or k[1] in gone]:
+            for k in self._crosses.pairs_of(gone):
                 del self._crosses[k]
             self._crosses.update(plan.new_cross)
             touched = set(plan.over)
-            for k in [k for k in self._crosses if k[0] in touched or k[1] in touched]:
+            for k in self._crosses.pairs_of(touched):
                 # Keep a cross pair only while one side still crosses the other (bounded cache).
                 if not (self._crossed(*k) or self._crossed(k[1], k[0])):
                     del self._crosses[k]
@@ -257,6 +260,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         edits = list(edits)
         allowed = {"image", "question", "answer", "positives", "metadata", "edit_id"}
         with self._wlock:
+            self._settle_locked()
             blobs: dict[str, bytes] = {}
             taken: set[int] = set()
             specs = []
@@ -313,6 +317,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
 
     def _new_version(self, eid: int, make) -> int:
         with self._wlock:
+            self._settle_locked()
             st = self._state(eid)
             blobs: dict[str, bytes] = {}
             v, attach_from = make(st, blobs)
@@ -395,20 +400,21 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         return self._new_version(edit_id, make)
 
     def delete(self, edit_id: int) -> None:
-        """Remove an edit exactly: neighbours get back the scope they would have without it."""
+        """Remove an edit exactly: neighbours get back the scope they would have without it.
+
+        The edit stops routing at once. Its neighbours' re-fit is deferred unless
+        ``config.settle == "sync"``: until `settle` (or the background settler, or the next write)
+        they keep the scopes they had while it existed — see `esg_memory._memory_settle`.
+        """
         with self._wlock:
             st = self._state(edit_id)
+            if self._delete_deferred(st):
+                return
+            self._settle_locked()
             plan = self._plan()
             affected = plan.remove(st.id)
             plan.refit_all(affected)
-
-            def forget() -> None:
-                self._retired.add(st.id)
-                for k in [k for k in self._attachments if k[0] == st.id]:
-                    del self._attachments[k]
-                self._gc_blobs(blobs_of(st))
-
-            self._commit(plan, after=forget, op={"op": "delete", "edit_id": st.id})
+            self._commit(plan, after=lambda: self._forget(st), op={"op": "delete", "edit_id": st.id})
             logger.info("deleted edit %d; re-fitted neighbours %s", st.id, sorted(affected))
 
     def _gc_blobs(self, candidates: Iterable[str] | None = None) -> None:
@@ -451,6 +457,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         return [self.get(i) for i in ids]
 
     def history(self, edit_id: int) -> list[EditVersion]:
+        self.settle()  # a holder's current version records its scope: show the settled one
         with self._lock:
             st = self._state(edit_id)
         return [v.copy() for v in st.versions]

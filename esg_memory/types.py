@@ -127,6 +127,16 @@ class MemoryConfig:
     seed: int = field(
         default=0, metadata={"help": "Seed of generated positives (mixed with each edit's content)."}
     )
+    settle: str = field(
+        default="background",
+        metadata={
+            "help": "When a delete re-fits the neighbours the deleted edit constrained: 'background' "
+            "(the delete returns once the edit stops routing; a thread re-fits them right after), "
+            "'manual' (at the next write, save or settle()), 'sync' (inside the delete call). Until "
+            "then they keep the scopes they had while it existed; afterwards the memory routes as if "
+            "the edit never existed. Does not change settled routing."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -172,6 +182,10 @@ class MemoryConfig:
         count("route_k", 1)
         if not isinstance(self.separate_same_answer, bool):
             raise ConfigError("MemoryConfig.separate_same_answer must be a bool")
+        if self.settle not in ("background", "sync", "manual"):
+            raise ConfigError(
+                f"MemoryConfig.settle must be 'background', 'sync' or 'manual', got {self.settle!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

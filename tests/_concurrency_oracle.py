@@ -12,6 +12,13 @@ checked: the edit it was routed to (id and version) is what some ``S_i`` in its 
 input to; the adapter it injected is that edit's current version in some ``S_j`` of the window; a
 routed edit is dropped only if some ``S_j`` no longer holds it; `retrieve`'s answer belongs to the
 routed version; and a generated text equals the serial model's text for the same input and edit.
+
+Deletes are two-phase (`esg_memory._memory_settle`, the default ``settle="background"``): after
+delete ``k`` returns, the memory may still be *unsettled*: the deleted edit gone, the others keeping
+the scopes they had. The pending deletes are always a run of consecutive deletes (any other write
+settles first), so the states a reader may also see after delete ``k`` are ``S_j`` less the keys of
+the edits deleted by writes ``j+1 .. k``, for every ``j`` in that run; routing in them is replayed
+from ``S_j``'s keys. The edits and versions in them are those of ``S_k``.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
+from index import ScopedIndex
 from tests._fuzz_fixtures import CFG
 from tests._memory_fixtures import HashKeyEncoder, shape_image
 
@@ -217,14 +227,18 @@ def run_concurrency_check(
 
 
 def _replay(enc: Any, images: list[Any], probes: list[tuple[Any, str]], log: list[tuple]):
-    """Per state k (after k writes): routing of every probe, and each live edit's (version, answer)."""
+    """Per state k (after k writes): routing of every probe, and each live edit's (version, answer);
+    per delete k: routing in each unsettled state it may leave (see the module docstring)."""
     mem = EditMemory(enc, CFG)
-    routes, contents = [], []
+    routes, contents, keysets = [], [], []
+    qkeys = mem.route(images=[p[0] for p in probes], texts=[p[1] for p in probes]).keys
 
     def snapshot() -> None:
-        r = mem.route(images=[p[0] for p in probes], texts=[p[1] for p in probes])
+        mem.settle()
+        r = mem.route(keys=qkeys)
         routes.append(list(zip(r.edit_ids.tolist(), r.versions.tolist(), strict=True)))
         contents.append({e.id: (e.version, e.question, e.answer) for e in mem.list()})
+        keysets.append({e.id: (*mem.keys_of(e.id), e.version) for e in mem.list()})
 
     snapshot()
     for op in log:
@@ -236,11 +250,34 @@ def _replay(enc: Any, images: list[Any], probes: list[tuple[Any, str]], log: lis
         else:
             mem.delete(op[1])
         snapshot()
-    return mem, routes, contents
+    unsettled: dict[int, list[list[tuple[int, int]]]] = {}
+    for k in range(1, len(log) + 1):
+        j = k - 1
+        while log[k - 1][0] == "delete":
+            gone = {log[i - 1][1] for i in range(j + 1, k + 1)}
+            unsettled.setdefault(k, []).append(_route_unsettled(keysets[j], gone, qkeys, CFG.route_k))
+            if j == 0 or log[j - 1][0] != "delete":
+                break
+            j -= 1
+    return mem, routes, contents, unsettled
+
+
+def _route_unsettled(keyset: dict, gone: set[int], qkeys: np.ndarray, route_k: int) -> list[tuple[int, int]]:
+    """Routing by one state's keys less the deleted edits' (as `EditMemory._route_keys` routes)."""
+    left = {eid: v for eid, v in keyset.items() if eid not in gone}
+    if not left:
+        return [(-1, -1)] * qkeys.shape[0]
+    ix = ScopedIndex(qkeys.shape[1])
+    for eid in sorted(left):
+        k, t, _ = left[eid]
+        ix.add(np.full(t.shape[0], eid, dtype=np.int64), k, t)
+    res = ix.search(qkeys, k=min(route_k, len(left)))
+    ids = np.where(res.margins[:, 0] >= 0, res.edit_ids[:, 0], -1).tolist()
+    return [(i, left[i][2] if i >= 0 else -1) for i in ids]
 
 
 def _check(em, model, processor, enc, images, probes, log, reads, rep: ConcurrencyReport) -> None:
-    _, routes, contents = _replay(enc, images, probes, log)
+    _, routes, contents, unsettled = _replay(enc, images, probes, log)
     final = em.memory.route(images=[p[0] for p in probes], texts=[p[1] for p in probes]).edit_ids.tolist()
     if final != [r[0] for r in routes[-1]]:
         rep.violations.append(f"final routing {final} differs from the serial replay {routes[-1]}")
@@ -252,6 +289,7 @@ def _check(em, model, processor, enc, images, probes, log, reads, rep: Concurren
     for kind, p, lo, hi, rec, result in reads:
         window = range(lo, min(hi + 1, len(log)) + 1)
         allowed = {routes[k][p] for k in window}
+        allowed |= {u[p] for k in window for u in unsettled.get(k, [])}
         what = f"{kind} probe {p} window S{lo}..S{window[-1]}"
         if rec["routes"]:
             ids, vers = rec["routes"][0]

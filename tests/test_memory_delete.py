@@ -54,13 +54,16 @@ def _same(a: EditMemory, b: EditMemory) -> None:
         assert a._edits[e.id].nbrs == b._edits[e.id].nbrs, e.id
 
 
+@pytest.mark.parametrize("settle", ["sync", "manual"])  # manual: five deletes pending, settled at once
 @pytest.mark.parametrize(
     ("cap", "answers"),
     [(3, ["alpha", "beta"]), (0, ["alpha"]), (16, ["alpha", "alpha", "beta"])],
     ids=["capped", "uncapped-one-answer", "mixed"],
 )
-def test_deletes_equal_replay_of_survivors(cap, answers, monkeypatch):
-    cfg = MemoryConfig(n_text_positives=1, n_image_positives=1, neighbour_k=2, max_neighbours=cap)
+def test_deletes_equal_replay_of_survivors(cap, answers, settle, monkeypatch):
+    cfg = MemoryConfig(
+        n_text_positives=1, n_image_positives=1, neighbour_k=2, max_neighbours=cap, settle=settle
+    )
     edits = _stream(cap + len(answers), 16, answers)
     m = _build(edits, cfg)
     refits = []
@@ -74,6 +77,9 @@ def test_deletes_equal_replay_of_survivors(cap, answers, monkeypatch):
         holders += sum(gone["edit_id"] in st.nbrs for st in m._edits.values())
         m.delete(gone["edit_id"])
     assert holders, "the stream should give deleted edits some holders"
+    assert bool(m.pending_refits) == (settle == "manual")
+    m.settle()
+    assert not m.pending_refits
     deleting = len(refits)
     _same(m, _build(alive, cfg))
     if answers == ["alpha"]:  # one answer, no cap: only the crossed holders are re-fitted

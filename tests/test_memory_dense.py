@@ -125,6 +125,7 @@ def test_dense_delete_is_exact_and_order_free(seed):
     victim = max(held, key=lambda i: (held[i], -i))
     assert held[victim] > 0
     full.delete(victim)
+    full.settle()
     rest = [e for e in edits if e["edit_id"] != victim]
     shuffled = [rest[i] for i in np.random.default_rng(seed).permutation(len(rest))]
     ims, txs = probes(seed)

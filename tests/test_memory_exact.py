@@ -8,6 +8,7 @@ from _memory_fixtures import HashKeyEncoder, shape_image
 
 from esg_memory.memory import EditMemory
 from esg_memory.types import MemoryConfig
+from index import ScopedIndex
 
 CFG = {"n_text_positives": 2, "n_image_positives": 1, "n_generic_questions": 3, "neighbour_k": 3}
 COLORS = ["red", "blue", "green", "yellow", "purple"]
@@ -50,10 +51,10 @@ def probes(seed: int) -> tuple[list, list]:
     return ims, txs
 
 
-def build(edits: list[dict], one_by_one: bool = True) -> EditMemory:
+def build(edits: list[dict], one_by_one: bool = True, settle: str = "background") -> EditMemory:
     m = EditMemory(
         HashKeyEncoder(),
-        MemoryConfig(**CFG),
+        MemoryConfig(**CFG, settle=settle),
         locality_pool=["Who wrote Hamlet?", (shape_image("black"), "What is this?")],
     )
     if one_by_one:
@@ -65,6 +66,8 @@ def build(edits: list[dict], one_by_one: bool = True) -> EditMemory:
 
 
 def assert_same_scopes(a: EditMemory, b: EditMemory, ims, txs) -> None:
+    a.settle()
+    b.settle()
     assert sorted(x.id for x in a.list()) == sorted(x.id for x in b.list())
     for e in a.list():
         ka, ta = a.keys_of(e.id)
@@ -79,10 +82,12 @@ def assert_same_scopes(a: EditMemory, b: EditMemory, ims, txs) -> None:
         assert np.array_equal(getattr(ra, f), getattr(rb, f), equal_nan=True), f
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_delete_routes_exactly_as_if_never_added(seed):
+@pytest.mark.parametrize(
+    ("seed", "settle"), [(0, "background"), (1, "background"), (0, "sync"), (1, "manual")]
+)
+def test_delete_routes_exactly_as_if_never_added(seed, settle):
     edits = stream(seed, 22)
-    full = build(edits)
+    full = build(edits, settle=settle)
     # Delete the edit with the most neighbours: the hardest case for exactness.
     victim = max(full.list(), key=lambda e: (len(e.constrained_by), -e.id))
     assert victim.constrained_by, "the stream should produce neighbours"
@@ -94,6 +99,63 @@ def test_delete_routes_exactly_as_if_never_added(seed):
     assert_same_scopes(full, never, ims, txs)
     # and the deletion really changed something for at least one neighbour
     assert any(not np.array_equal(before[i], full.keys_of(i)[1]) for i in touched)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unsettled_delete_only_removes_the_edit(seed):
+    """Between a delete and its settling: the edit never routes, its holders keep their scopes,
+    every input it did not win routes as before; settling then gives the never-added memory."""
+    edits = stream(seed, 22)
+    full = build(edits, settle="manual")
+    victim = max(full.list(), key=lambda e: (len(e.constrained_by), -e.id))
+    holders = [e.id for e in full.list() if victim.id in e.constrained_by]
+    assert holders
+    ims, txs = probes(seed)
+    r0 = full.route(images=ims, texts=txs)
+    assert (r0.edit_ids == victim.id).any(), "some probe should route to the victim"
+    kept = {i: (full.keys_of(i), full.get(i)) for i in holders}
+    kept_all = {e.id: full.keys_of(e.id) for e in full.list() if e.id != victim.id}
+    full.delete(victim.id)
+    assert dict(full.pending_refits) == {victim.id: tuple(sorted(holders))}
+    assert victim.id not in full and victim.id not in [e.id for e in full.list()]
+    r1 = full.route(images=ims, texts=txs)
+    assert not (r1.edit_ids == victim.id).any()
+    # every input routes as the pre-delete scopes, less the victim's keys, route it
+    ref = ScopedIndex(full.encoder.dim)
+    for i in kept_all:
+        k, t = kept_all[i]
+        ref.add(np.full(len(t), i, dtype=np.int64), k, t)
+    res = ref.search(r0.keys, k=full.config.route_k)
+    expect = np.where(res.margins[:, 0] >= 0, res.edit_ids[:, 0], -1)
+    assert np.array_equal(r1.edit_ids, expect)
+    assert np.array_equal(r1.margins, res.margins[:, 0])
+    for i, ((k, t), e) in kept.items():
+        k1, t1 = full.keys_of(i)
+        assert np.array_equal(k, k1) and np.array_equal(t, t1), i
+        assert full.get(i) == e, i
+    full.settle()
+    assert not full.pending_refits
+    assert_same_scopes(full, build([e for e in edits if e["edit_id"] != victim.id]), ims, txs)
+
+
+def test_a_write_settles_pending_deletes_first():
+    edits = stream(2, 16)
+    m = build(edits, settle="manual")
+    victim = max(m.list(), key=lambda e: (len(e.constrained_by), -e.id))
+    m.delete(victim.id)
+    assert m.pending_refits
+    extra = {"image": shape_image("red"), "question": "Is it round?", "answer": "yes", "edit_id": 999}
+    m.add(**extra)
+    assert not m.pending_refits
+    ims, txs = probes(2)
+    assert_same_scopes(m, build([*(e for e in edits if e["edit_id"] != victim.id), extra]), ims, txs)
+
+
+def test_settle_mode_is_validated():
+    from esg_memory.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="settle"):
+        MemoryConfig(settle="later")
 
 
 def test_scopes_do_not_depend_on_arrival_order():

@@ -1,0 +1,150 @@
+"""Latency of one `EditMemory.delete` call: synchronous re-fit of the holders vs two-phase delete.
+
+    python benchmarks/bench_delete.py                      # N = 12, 100, 1000; 12 deletes per mode
+    python benchmarks/bench_delete.py --sizes 10000 --deletes 8 --out benchmarks/results/bench_delete_10k.json
+
+For each size one memory of N easy-vqa edits is built (the untrained ``esg-tiny-clip`` puts them all
+within the neighbour radius: the dense worst case, where every deleted edit has full neighbour sets
+to revisit). Then, in the same memory, deletes alternate between the modes of ``MemoryConfig.settle``:
+
+* ``sync`` (the baseline: the behaviour before two-phase delete): the call re-fits the holders;
+* ``manual``: the call only removes the edit; the holders' re-fit is timed apart (`settle`);
+* ``background``: the call as ``manual`` plus waking the settler thread; the benchmark waits until it
+  has settled before the next delete (so no measurement overlaps a settle).
+
+Each deleted edit is picked among those with holders, so every call in every mode has a re-fit to
+do (or to defer). Medians per mode and the ratio sync / two-phase are reported; all in one run, on
+one machine (noisy when shared: compare ratios). Data: PyPI ``easy-vqa`` (MIT). Prints a markdown
+table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_delete.json"
+MODES = ("sync", "manual", "background")
+
+
+def _stream(n: int) -> list[dict]:
+    import easy_vqa
+
+    qs, answers, image_ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    if n > len(qs):
+        raise SystemExit(f"easy-vqa has only {len(qs)} training questions")
+    # distinct answers: every neighbour is also a negative, so a delete re-fits its holders
+    return [
+        {"image": paths[image_ids[j]], "question": qs[j], "answer": f"{answers[j]} #{j}"} for j in range(n)
+    ]
+
+
+def measure(encoder, n: int, deletes: int) -> dict:
+    from esg_memory import EditMemory
+    from esg_memory.types import MemoryConfig
+
+    mem = EditMemory(encoder, MemoryConfig())
+    t = time.perf_counter()
+    mem.add_many(_stream(n))
+    build_s = time.perf_counter() - t
+    calls: dict[str, list[float]] = {m: [] for m in MODES}
+    settles: list[float] = []
+    holders: dict[str, list[int]] = {m: [] for m in MODES}
+    for i in range(deletes * len(MODES)):
+        if len(mem) < 2:
+            break
+        mode = MODES[i % len(MODES)]
+        held = mem._derived_index().holders
+        victim = max((e for e in held if e in mem), key=lambda e: (len(held[e]), -e), default=None)
+        if victim is None:
+            break
+        mem.config.settle = mode
+        holders[mode].append(len(held[victim]))
+        t = time.perf_counter()
+        mem.delete(victim)
+        calls[mode].append(time.perf_counter() - t)
+        if mode == "manual":
+            t = time.perf_counter()
+            mem.settle()
+            settles.append(time.perf_counter() - t)
+        while mode == "background" and mem.pending_refits:  # the settler thread's work
+            time.sleep(0.0005)
+        if mem.pending_refits:
+            raise SystemExit(f"deletes still pending after a {mode} delete")
+    med = {m: 1000 * statistics.median(v) for m, v in calls.items() if v}
+    return {
+        "n": n,
+        "build_s": build_s,
+        "deletes_per_mode": {m: len(v) for m, v in calls.items()},
+        "mean_holders": {m: statistics.mean(v) for m, v in holders.items() if v},
+        "delete_call_ms_median": med,
+        "delete_call_ms_min": {m: 1000 * min(v) for m, v in calls.items() if v},
+        "settle_ms_median": 1000 * statistics.median(settles) if settles else float("nan"),
+        "speedup_manual": med["sync"] / med["manual"],
+        "speedup_background": med["sync"] / med["background"],
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    out = [
+        "| N | holders (mean) | delete sync ms (baseline) | delete two-phase ms (manual / background) "
+        "| settle ms | sync / two-phase |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        med = r["delete_call_ms_median"]
+        out.append(
+            f"| {r['n']} | {r['mean_holders']['sync']:.1f} | {med['sync']:.2f} | "
+            f"{med['manual']:.3f} / {med['background']:.3f} | {r['settle_ms_median']:.2f} | "
+            f"{r['speedup_manual']:.0f}x / {r['speedup_background']:.0f}x |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[12, 100, 1000])
+    p.add_argument("--deletes", type=int, default=12, help="deletes per mode and size")
+    p.add_argument("--encoder", default="esg-tiny-clip")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from esg_memory import ClipKeyEncoder
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("esg_memory").setLevel(logging.WARNING)
+    rows = []
+    for n in args.sizes:
+        rows.append(measure(ClipKeyEncoder(args.encoder), n, args.deletes))
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    meta = {
+        "encoder": args.encoder,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "argv": list(sys.argv[1:] if argv is None else argv),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(format_table(rows) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
