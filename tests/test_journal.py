@@ -141,14 +141,19 @@ def test_readers_racing_compactions_see_whole_prefixes(tmp_path):
     t = threading.Thread(target=writer)
     t.start()
     seen = []
-    while not done.is_set():
+    while True:
+        finished = done.is_set()
         ids = sorted(e.id for e in EditMemory.load(path, ENC).list())
         assert ids == list(range(len(ids)))  # every load: exactly the writes acknowledged so far, in order
         seen.append(len(ids))
+        if finished:
+            break
         time.sleep(0.02)  # leave the writer most of the GIL
     t.join()
     mem._durable.wait()
-    assert mem._durable.compactions >= 2 and len(set(seen)) > 1
+    # How many compactions overlap (a crossing while one runs is coalesced) depends on the machine's load;
+    # 20 records past a 6000-byte budget guarantee at least one.
+    assert mem._durable.compactions >= 1 and seen[-1] == 20
     mem.close()
     assert len(EditMemory.load(path, ENC)) == 20
 
