@@ -32,3 +32,8 @@ def png_bytes(color: tuple[int, int, int], kind: str = "circle", size: int = 64)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+Q = "what color is the shape?"
+PURPLE = png_bytes((160, 32, 200), "circle")
+GREEN = png_bytes((20, 180, 40), "rect")

@@ -23,3 +23,13 @@ def _torch_threads():
     # Tiny models are dominated by per-op overhead: one thread is 5-7x faster than two here.
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def serve_base():
+    """(model, processor, encoder): the seeded random tiny LLaVA and the tiny offline CLIP, loaded once for
+    every service test (the wrapper never mutates them)."""
+    from esg_memory.loading import load_base_model, load_encoder
+
+    model, processor = load_base_model("tiny-random-llava")
+    return model, processor, load_encoder("esg-tiny-clip")

@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from _serve_fixtures import AUTH, TOKEN, png_bytes, running  # noqa: E402
+from _serve_fixtures import AUTH, GREEN, PURPLE, TOKEN, Q, running  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from esg_memory.errors import ConfigError, LockError  # noqa: E402
@@ -25,24 +25,13 @@ from esg_memory.serve import add_serve_arguments, create_app, load_token  # noqa
 from esg_memory.serve_batch import DirectoryLock, MicroBatcher, RWLock  # noqa: E402
 from esg_memory.serve_metrics import Metrics  # noqa: E402
 
-Q = "what color is the shape?"
-PURPLE = png_bytes((160, 32, 200), "circle")
-GREEN = png_bytes((20, 180, 40), "rect")
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 
-@pytest.fixture(scope="module")
-def base():
-    from esg_memory.loading import load_base_model, load_encoder
-
-    model, processor = load_base_model("tiny-random-llava")
-    return model, processor, load_encoder("esg-tiny-clip")
-
-
-def wrap(base, memory=None):
+def wrap(serve_base, memory=None):
     from esg_memory.model import EditedModel, EditedModelConfig
 
-    model, processor, encoder = base
+    model, processor, encoder = serve_base
     # no generated paraphrases/augmentations: tuning on one example keeps the test in seconds
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
     return EditedModel.wrap(model, processor, memory=memory, encoder=encoder, config=cfg)
@@ -69,9 +58,9 @@ def add(c, image: bytes | None, question: str, answer: str, **fields) -> httpx.R
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def test_edit_lifecycle_live_persisted_and_exact(base, tmp_path):
+def test_edit_lifecycle_live_persisted_and_exact(serve_base, tmp_path):
     mem = tmp_path / "mem"
-    em = wrap(base)
+    em = wrap(serve_base)
     bare_q = bare_answer(em, PURPLE, Q)
     bare_other = bare_answer(em, GREEN, "how many shapes are there?")
     with running(create_app(em, mem, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
@@ -86,7 +75,7 @@ def test_edit_lifecycle_live_persisted_and_exact(base, tmp_path):
         other = gen(c, GREEN, "how many shapes are there?")
         assert other["edit_id"] is None and other["text"] == bare_other  # out of scope: bit-identical
     # a new app over the same directory (what a restarted process does) serves the tuned edit
-    em2 = wrap(base, memory=mem)
+    em2 = wrap(serve_base, memory=mem)
     with running(create_app(em2, mem, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         row = gen(c, PURPLE, Q)
         assert row["edit_id"] == eid and row["text"].strip().startswith("purple")
@@ -98,9 +87,9 @@ def test_edit_lifecycle_live_persisted_and_exact(base, tmp_path):
         assert c.delete(f"/edits/{eid}", headers=AUTH).status_code == 404
 
 
-def test_restart_keeps_every_acknowledged_write(base, tmp_path):
+def test_restart_keeps_every_acknowledged_write(serve_base, tmp_path):
     mem = tmp_path / "mem"
-    em = wrap(base)
+    em = wrap(serve_base)
     with running(create_app(em, mem, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         ids = []
         for i, (img, ans) in enumerate([(PURPLE, "violet"), (GREEN, "green"), (None, "forty-two")]):
@@ -118,9 +107,9 @@ def test_restart_keeps_every_acknowledged_write(base, tmp_path):
         detail = c.get(f"/edits/{ids[0]}").json()
         # the lock file keeps a second writer off the directory while this one runs
         with pytest.raises(LockError):
-            create_app(wrap(base, memory=mem), mem, token=TOKEN)
+            create_app(wrap(serve_base, memory=mem), mem, token=TOKEN)
     assert [v["answer"] for v in detail["history"]] == ["violet", "lilac", "violet"]
-    em2 = wrap(base, memory=mem)
+    em2 = wrap(serve_base, memory=mem)
     with running(create_app(em2, mem, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         after = c.get("/edits").json()
         assert after["total"] == 2
@@ -132,11 +121,11 @@ def test_restart_keeps_every_acknowledged_write(base, tmp_path):
         assert r.json()["id"] not in ids  # ids are never reused, across restarts too
 
 
-def test_background_tuning_is_persisted_when_it_finishes(base, tmp_path):
+def test_background_tuning_is_persisted_when_it_finishes(serve_base, tmp_path):
     from esg_memory.adapters import Adapter, AdapterConfig
     from esg_memory.model import EditedModel, EditedModelConfig
 
-    model, processor, encoder = base
+    model, processor, encoder = serve_base
     # two steps: the point is the hand-over (tuned adapter swapped in, then persisted), not accuracy
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0, adapters=AdapterConfig(max_steps=2))
     em = EditedModel.wrap(model, processor, memory=None, encoder=encoder, config=cfg)
@@ -151,15 +140,15 @@ def test_background_tuning_is_persisted_when_it_finishes(base, tmp_path):
         assert not t["pending"] and t["report"]["steps"] >= 1
         live = em.memory.attachment(eid, "adapter")
         assert Adapter.from_bytes(live).kind == t["report"]["kind"] != "compiled"
-    on_disk = wrap(base, memory=mem).memory.attachment(eid, "adapter")
+    on_disk = wrap(serve_base, memory=mem).memory.attachment(eid, "adapter")
     assert on_disk == live
 
 
 # ------------------------------------------------------------------------------------------ auth
 
 
-def test_auth_refused_and_accepted(base, tmp_path):
-    em = wrap(base)
+def test_auth_refused_and_accepted(serve_base, tmp_path):
+    em = wrap(serve_base)
     with pytest.raises(ConfigError, match="token"):
         create_app(em, tmp_path / "a")
     with pytest.raises(ConfigError, match="at least"):
@@ -183,17 +172,17 @@ def test_auth_refused_and_accepted(base, tmp_path):
         assert add(c, None, Q, "x").status_code == 201
         assert c.get("/health").status_code == 200 and c.get("/edits").status_code == 200
     # read-only: no token needed, every write 403
-    with running(create_app(wrap(base), None, read_only=True)) as url, \
+    with running(create_app(wrap(serve_base), None, read_only=True)) as url, \
             httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         r = c.post("/edits", data={"question": Q, "answer": "x"})
         assert r.status_code == 403 and r.json()["error"] == "ReadOnlyError"
         assert gen(c, PURPLE, Q)["edit_id"] is None
     # insecure-local: writes without a token
-    with running(create_app(wrap(base), tmp_path / "l", insecure_local=True)) as url, \
+    with running(create_app(wrap(serve_base), tmp_path / "l", insecure_local=True)) as url, \
             httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         assert c.post("/edits", data={"question": Q, "answer": "x"}).status_code == 201
     # protected reads
-    with running(create_app(wrap(base), tmp_path / "p", token=TOKEN, protect_reads=True)) as url, \
+    with running(create_app(wrap(serve_base), tmp_path / "p", token=TOKEN, protect_reads=True)) as url, \
             httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         assert c.get("/edits").status_code == 401
         assert c.get("/edits", headers=AUTH).status_code == 200
@@ -203,14 +192,14 @@ def test_auth_refused_and_accepted(base, tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def test_bad_uploads_rejected_and_nothing_written(base, tmp_path):
+def test_bad_uploads_rejected_and_nothing_written(serve_base, tmp_path):
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "ok.png").write_bytes(PURPLE)
     outside = tmp_path / "secret.png"
     outside.write_bytes(GREEN)
     (root / "link.png").symlink_to(outside)
-    em = wrap(base)
+    em = wrap(serve_base)
     app = create_app(em, tmp_path / "m", token=TOKEN, allowed_root=root, max_upload_bytes=64 * 1024)
     with running(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         r = add(c, b"this is not an image", Q, "x")
@@ -249,7 +238,7 @@ def test_bad_uploads_rejected_and_nothing_written(base, tmp_path):
                                                  "positives": '[{"text": null, "image_path": "sub/ok.png"}]'})
         assert r.status_code == 201, r.text
         assert gen(c, PURPLE, Q)["edit_id"] == r.json()["id"]
-    with running(create_app(wrap(base), tmp_path / "n", token=TOKEN)) as url, \
+    with running(create_app(wrap(serve_base), tmp_path / "n", token=TOKEN)) as url, \
             httpx.Client(base_url=url, timeout=TIMEOUT) as c:  # no allowed root: paths are disabled
         r = c.post("/edits", headers=AUTH, data={"question": Q, "answer": "x", "image_path": str(outside)})
         assert r.status_code == 403 and "allowed-root" in r.json()["detail"]
@@ -265,8 +254,8 @@ def _sample(text: str, name: str) -> float:
     return 0.0
 
 
-def test_metrics_count_requests_latency_edits_hits(base, tmp_path):
-    with running(create_app(wrap(base), tmp_path / "m", token=TOKEN)) as url, \
+def test_metrics_count_requests_latency_edits_hits(serve_base, tmp_path):
+    with running(create_app(wrap(serve_base), tmp_path / "m", token=TOKEN)) as url, \
             httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         eid = add(c, PURPLE, Q, "purple").json()["id"]
         for _ in range(3):
@@ -304,9 +293,9 @@ def test_metrics_count_requests_latency_edits_hits(base, tmp_path):
 # ------------------------------------------------------------------------------------------ concurrency
 
 
-def test_concurrent_generate_while_adding_and_deleting(base, tmp_path):
+def test_concurrent_generate_while_adding_and_deleting(serve_base, tmp_path):
     """Readers never see an edit whose delete was acknowledged before they sent the request."""
-    em = wrap(base)
+    em = wrap(serve_base)
     app = create_app(em, tmp_path / "m", token=TOKEN, max_upload_bytes=1 << 20)
     deleted: dict[int, float] = {}
     lock = threading.Lock()
@@ -478,15 +467,15 @@ def test_run_from_args_refuses_before_loading_models(tmp_path, monkeypatch, caps
     assert sorted(p.name for p in Path(d).iterdir()) == ["thesis.txt"]
 
 
-def test_unjournaled_write_is_refused_and_not_applied(base, tmp_path, monkeypatch):
+def test_unjournaled_write_is_refused_and_not_applied(serve_base, tmp_path, monkeypatch):
     """If the journal cannot be written (disk full), the add is refused and not applied: live matches disk."""
     from esg_memory.serve_core import EditService, GenerateOptions
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the memory directory should be")
     with pytest.raises(OSError):
-        EditService(wrap(base), blocker)
-    em = wrap(base)
+        EditService(wrap(serve_base), blocker)
+    em = wrap(serve_base)
     svc = EditService(em, tmp_path / "m")
     real = os.fdatasync
     try:
@@ -506,4 +495,4 @@ def test_unjournaled_write_is_refused_and_not_applied(base, tmp_path, monkeypatc
     finally:
         monkeypatch.setattr(os, "fdatasync", real)
         svc.close()
-    assert [e.id for e in wrap(base, memory=tmp_path / "m").memory.list()] == [eid]
+    assert [e.id for e in wrap(serve_base, memory=tmp_path / "m").memory.list()] == [eid]

@@ -14,12 +14,11 @@ from _serve_fixtures import TOKEN, running  # noqa: E402
 from esg_memory.serve import create_app  # noqa: E402
 
 
-def test_docs_page_and_its_assets_are_served_locally(tmp_path):
-    from esg_memory.loading import load_base_model, load_encoder
+def test_docs_page_and_its_assets_are_served_locally(serve_base, tmp_path):
     from esg_memory.model import EditedModel
 
-    model, processor = load_base_model("tiny-random-llava")
-    em = EditedModel.wrap(model, processor, encoder=load_encoder("esg-tiny-clip"))
+    model, processor, encoder = serve_base
+    em = EditedModel.wrap(model, processor, encoder=encoder)
     app = create_app(em, tmp_path / "mem", token=TOKEN)
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         page = c.get("/docs")

@@ -15,19 +15,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from _serve_fixtures import AUTH, TOKEN, png_bytes, running  # noqa: E402
-
-Q = "what color is the shape?"
-PURPLE = png_bytes((160, 32, 200), "circle")
-GREEN = png_bytes((20, 180, 40), "rect")
-
-@pytest.fixture(scope="module")
-def base():
-    from esg_memory.loading import load_base_model, load_encoder
-
-    model, processor = load_base_model("tiny-random-llava")
-    return model, processor, load_encoder("esg-tiny-clip")
-
+from _serve_fixtures import AUTH, GREEN, PURPLE, TOKEN, Q, running  # noqa: E402
 
 _SERVER = """
 import os, sys, time
@@ -48,7 +36,7 @@ with running_server(app) as url:
 """
 
 
-def test_sigkilled_server_restarts_with_every_acknowledged_write(base, tmp_path):
+def test_sigkilled_server_restarts_with_every_acknowledged_write(serve_base, tmp_path):
     from esg_memory.model import EditedModel, EditedModelConfig
     from esg_memory.serve import create_app
 
@@ -77,7 +65,7 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(base, tmp_path)
         proc.wait()
     snapshot = json.loads((mem / "memory" / "snapshot" / "memory.json").read_text())
     assert snapshot["edits"] == [] and any((mem / "memory" / "journal").iterdir())
-    model, processor, enc = base
+    model, processor, enc = serve_base
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
     em = EditedModel.wrap(model, processor, memory=mem, encoder=enc, config=cfg)
     assert {e.id: (e.version, e.answer) for e in em.memory.list()} == acked
@@ -95,12 +83,12 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(base, tmp_path)
     assert os.path.getsize(next((mem / "memory" / "journal").glob("*.wal"))) == 24
 
 
-def test_edited_model_on_a_durable_directory(base, tmp_path):
+def test_edited_model_on_a_durable_directory(serve_base, tmp_path):
     from esg_memory.errors import LockError
     from esg_memory.memory import EditMemory
     from esg_memory.model import ADAPTER_KIND, EditedModel, EditedModelConfig
 
-    model, processor, enc = base
+    model, processor, enc = serve_base
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
     d = tmp_path / "wrapped"
     em = EditedModel.wrap(model, processor, memory=d, encoder=enc, config=cfg, durable=True)
