@@ -32,21 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from _dense_stream import dense_stream
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_delete.json"
 MODES = ("sync", "manual", "background")
-
-
-def _stream(n: int) -> list[dict]:
-    import easy_vqa
-
-    qs, answers, image_ids = easy_vqa.get_train_questions()
-    paths = easy_vqa.get_train_image_paths()
-    if n > len(qs):
-        raise SystemExit(f"easy-vqa has only {len(qs)} training questions")
-    # distinct answers: every neighbour is also a negative, so a delete re-fits its holders
-    return [
-        {"image": paths[image_ids[j]], "question": qs[j], "answer": f"{answers[j]} #{j}"} for j in range(n)
-    ]
 
 
 def measure(encoder, n: int, deletes: int) -> dict:
@@ -55,7 +44,7 @@ def measure(encoder, n: int, deletes: int) -> dict:
 
     mem = EditMemory(encoder, MemoryConfig())
     t = time.perf_counter()
-    mem.add_many(_stream(n))
+    mem.add_many(dense_stream(n))
     build_s = time.perf_counter() - t
     calls: dict[str, list[float]] = {m: [] for m in MODES}
     settles: list[float] = []

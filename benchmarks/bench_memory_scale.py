@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from _dense_stream import dense_stream
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_memory_scale.json"
 
 
@@ -38,26 +40,15 @@ class _RefitCounter(logging.Handler):
             self.last = len(re.findall(r"\d+", msg))
 
 
-def _stream(n: int) -> list[dict]:
-    import easy_vqa
-
-    qs, answers, image_ids = easy_vqa.get_train_questions()
-    paths = easy_vqa.get_train_image_paths()
-    # Distinct answers: every pair of edits conflicts, so every neighbour is also a negative.
-    return [
-        {"image": paths[image_ids[j]], "question": qs[j], "answer": f"{answers[j]} #{j}"}
-        for j in range(min(n, len(qs)))
-    ]
-
-
 def measure(make_encoder, n: int, cap: int | None, counter: _RefitCounter) -> dict:
     from esg_memory import EditMemory
     from esg_memory.types import MemoryConfig
 
-    cfg = MemoryConfig() if cap is None else MemoryConfig(max_neighbours=cap)
-    data = _stream(n + 1)
-    if len(data) < n + 1:
-        raise SystemExit(f"easy-vqa has only {len(data)} training questions")
+    # settle="sync": the delete call re-fits its holders, so its time and re-fit count are the write's
+    # whole cost (the default two-phase delete defers them; bench_delete.py compares the two).
+    extra = {} if cap is None else {"max_neighbours": cap}
+    cfg = MemoryConfig(settle="sync", **extra)
+    data = dense_stream(n + 1)
     mem = EditMemory(make_encoder(), cfg)  # a fresh encoder: its content cache must not carry over
     t = time.perf_counter()
     mem.add_many(data[:n])
