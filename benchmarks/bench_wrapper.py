@@ -256,6 +256,9 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                         **inputs, route_images=ims, route_texts=qs, **gen
                     ),
                     "route_encode": lambda ims=ims, qs=qs: mem.route_ids(images=ims, texts=qs),
+                    # the baseline of the rule-out `route_ids` starts with: every key's margin
+                    "bare_again": lambda inputs=inputs: model.generate(**inputs, **gen),
+                    "scan": lambda keys=keys: mem._index.scan_margins(keys),
                 }
                 with torch.no_grad():
                     for f in calls.values():
@@ -283,6 +286,7 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                 row["route_keys_min_ms"] = 1000 * min(route_keys)
                 row["route_full_ms"] = med_ms(times["route"])
                 row["route_encode_ms"] = med_ms(route_enc)
+                row["scan_ms"] = med_ms(times["scan"])
                 row["route_ratio_no_encoding"] = 1 + row["route_keys_ms"] / row["median"]["bare_ms"]
                 overhead.append(row)
         flush(res)  # a long run (10k edits) leaves usable partial results behind
@@ -328,11 +332,13 @@ def markdown(result: dict[str, Any]) -> str:
         "Interleaved repetitions (bare, wrapped, ... in turn) on a shared machine: min (noise only adds",
         "time) and, for keys reused, the median ratio too. route_ids = the routing a wrapped call runs",
         "(median, timed alone right after a generate): what an out-of-scope call adds to the bare",
-        "generate; route = the full RouteResult (explanations, runner-up) that `retrieve` computes.",
+        "generate; route = the full RouteResult (explanations, runner-up) that `retrieve` computes;",
+        "scan = every key's margin (`scan_margins`), the linear baseline of the rule-out `route_ids`",
+        "starts with (`maybe_in_scope`), timed the same way.",
         "",
         "| model | edits | batch | scope | bare | wrapped, keys reused | ratio (min) | ratio (median) "
-        "| wrapped, encoding | ratio | route_ids | route | route_ids, encoding | 1 + route_ids/bare |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wrapped, encoding | ratio | route_ids | scan | route | route_ids, encoding | 1 + route_ids/bare |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fam in result["families"]:
         for o in fam["overhead"]:
@@ -342,7 +348,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{m['wrapped_no_encoding_ms']:.1f} | {m['ratio_no_encoding']:.3f} | "
                 f"{md['ratio_no_encoding']:.3f} | "
                 f"{m['wrapped_with_encoding_ms']:.1f} | {m['ratio_with_encoding']:.3f} | "
-                f"{o['route_keys_ms']:.2f} | {o.get('route_full_ms', float('nan')):.2f} | "
+                f"{o['route_keys_ms']:.2f} | {o.get('scan_ms', float('nan')):.2f} | "
+                f"{o.get('route_full_ms', float('nan')):.2f} | "
                 f"{o['route_encode_ms']:.2f} | {o['route_ratio_no_encoding']:.3f} |"
             )
     lines += [

@@ -19,26 +19,28 @@ class RoutingMixin:
     def _route_ids(self, q: np.ndarray) -> np.ndarray:
         """``_route_keys(q)[0].edit_ids``, skipping the candidate search for rows no key can hold.
 
-        While the index is flat, its search scans every key anyway; one brute-force scan of all
-        margins first proves most out-of-scope rows -1 (beyond the scan's float error), which is
-        what an unedited input costs. The remaining rows are routed in full, so the ids are
-        exactly those `route` gives.
+        Most inputs are out of scope: the index proves that exactly, and for a large memory
+        without scoring every key (`ScopedIndex.maybe_in_scope`), which is what an unedited
+        input costs. The remaining rows are routed in full, so the ids are exactly those
+        `route` gives.
         """
         n = q.shape[0]
-        out = np.full(n, -1, dtype=np.int64)
         with self._lock:
             if not n or not len(self._edits):
-                return out
-            if self._index.structure != "flat":
-                return self._route_keys(q)[0].edit_ids
+                return np.full(n, -1, dtype=np.int64)
             try:
-                maybe = self._index.scan_margins(q) >= -self._index.scan_error
+                # q passed check_keys (the same unit-row contract): validating it again would
+                # double the Python cost of the call every out-of-scope input pays
+                maybe = self._index._maybe_in_scope_unit(q)
             except ScopedIndexError as e:
                 raise translate_index_error(e) from None
-            if maybe.all():
+            hits = maybe.tolist()
+            if not any(hits):
+                return np.full(n, -1, dtype=np.int64)
+            if all(hits):
                 return self._route_keys(q)[0].edit_ids
-            if maybe.any():
-                out[maybe] = self._route_keys(q[maybe])[0].edit_ids
+            out = np.full(n, -1, dtype=np.int64)
+            out[maybe] = self._route_keys(q[maybe])[0].edit_ids
             return out
 
     def _route_keys(self, q: np.ndarray, want_all: bool = False) -> tuple[RouteResult, list[list[int]]]:

@@ -28,6 +28,7 @@ class KeyTable:
         self.n_dead = 0
         self._slots: dict[int, np.ndarray] = {}
         self._min_thr: float | None = None  # cache for match's stopping rule; None = recompute
+        self.version = 0  # bumped by every mutation: derived caches (the cone filter) compare it
 
     # ---- read side -------------------------------------------------------------------------
     @property
@@ -100,6 +101,7 @@ class KeyTable:
         self.thr[self.n : self.n + r] = thr
         self._set_bits(slots, True)
         self.n += r
+        self.version += 1
         if self._min_thr is not None:
             self._min_thr = min(self._min_thr, float(thr.min()))
         if r == 1 or (edit_ids == edit_ids[0]).all():
@@ -123,11 +125,13 @@ class KeyTable:
         self._set_bits(slots, False)
         self.n_dead += int(slots.shape[0])
         self._min_thr = None
+        self.version += 1
         return slots
 
     def set_thresholds(self, slots: np.ndarray, values: np.ndarray) -> None:
         self.thr[slots] = values
         self._min_thr = None
+        self.version += 1
 
     def _set_bits(self, slots: np.ndarray, on: bool) -> None:
         byte = slots >> 3

@@ -91,6 +91,22 @@ class IndexConfig:
                           "spin-wait stalls of 10-20 ms seen on a busy 2-core machine; 0 = FAISS default."},
     )
     small_call_rows: int = field(default=64, metadata={"help": "Row count below which a call is 'small'."})
+    prune_min_keys: int = field(
+        default=2048,
+        metadata={"help": "`maybe_in_scope` clusters the keys (exact cone bounds) from this many live "
+                          "keys on; below it one scan of every key is cheaper."},
+    )
+    prune_keys_per_cluster: int = field(
+        default=12,
+        metadata={"help": "Live keys per cluster of the rule-out filter: small clusters are narrow cones "
+                          "(at 10k dense keys, 12 per cluster leaves ~2% of them to score for a far query)."},
+    )
+    prune_max_clusters: int = field(
+        default=4096, metadata={"help": "At most this many clusters (bounds re-clustering time)."}
+    )
+    prune_growth: float = field(
+        default=2.0, metadata={"help": "Re-cluster the rule-out filter once live keys grew by this factor."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.small_call_threads, bool) or not isinstance(self.small_call_threads, int) \
@@ -98,7 +114,8 @@ class IndexConfig:
             raise InvalidArgumentError("IndexConfig.small_call_threads must be an integer >= 0")
         for name in ("ivf_min_train", "auto_ivf_keys", "ivf_train_points_per_list", "ivf_nprobe",
                      "ivf_nprobe_per_lists", "hnsw_m",
-                     "hnsw_ef_construction", "hnsw_ef_search", "min_dead_to_compact", "small_call_rows"):
+                     "hnsw_ef_construction", "hnsw_ef_search", "min_dead_to_compact", "small_call_rows",
+                     "prune_min_keys", "prune_keys_per_cluster", "prune_max_clusters"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(f"IndexConfig.{name} must be an integer >= 1, got {v!r}")
@@ -106,6 +123,9 @@ class IndexConfig:
             raise InvalidArgumentError(f"IndexConfig.ivf_growth must be > 1, got {self.ivf_growth!r}")
         if not (isinstance(self.ivf_lists_per_sqrt, (int, float)) and self.ivf_lists_per_sqrt > 0):
             raise InvalidArgumentError("IndexConfig.ivf_lists_per_sqrt must be > 0")
+        g = self.prune_growth
+        if isinstance(g, bool) or not (isinstance(g, (int, float)) and math.isfinite(g) and g > 1):
+            raise InvalidArgumentError(f"IndexConfig.prune_growth must be > 1, got {self.prune_growth!r}")
         if not (isinstance(self.max_dead_fraction, (int, float)) and 0 < self.max_dead_fraction < 1):
             raise InvalidArgumentError("IndexConfig.max_dead_fraction must be in (0, 1)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from . import backends as _bk
+from ._prune import ConeCache, live_thresholds, scan_max_margins
 from ._sync import RWLock
 from ._table import KeyTable
 from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds, as_unit_rows
@@ -99,6 +99,7 @@ class ScopedIndex:
         self._table = KeyTable(self.dim)
         self._struct: Structure = _bk.build(_bk.wanted_kind(backend, 0, None, self.config), self._table,
                                             self.config)
+        self._cones = ConeCache(self.config)  # rule-out filter for `maybe_in_scope`, built lazily
 
     # ------------------------------------------------------------------ read-only views
     def __len__(self) -> int:
@@ -283,10 +284,9 @@ class ScopedIndex:
     def scan_margins(self, queries: Any) -> np.ndarray:
         """(m,) float32: per query, the largest ``cos - threshold`` over every live key (-inf if none).
 
-        One brute-force product over the whole table, whatever the structure: linear in the index
-        size, so a cheap way to rule queries out before a `search` while the index is small or flat.
-        A value below ``-scan_error`` proves no key holds the query (`search` and `match` then
-        report nothing in scope); anything else proves nothing.
+        One brute-force product over the whole table, whatever the structure. A value below
+        ``-scan_error`` proves no key holds the query (`search` and `match` then report nothing in
+        scope); anything else proves nothing. `maybe_in_scope` answers that question for less.
         """
         q = as_unit_rows(queries, self.dim, name="queries")
         m = q.shape[0]
@@ -294,21 +294,33 @@ class ScopedIndex:
             t = self._table
             if m == 0 or t.n_alive == 0:
                 return np.full(m, -np.inf, dtype=np.float32)
-            n, vecs = t.n, t.vecs[: t.n]
-            live_thr = np.where(t.edit[:n] >= 0, t.thr[:n], np.float32(np.inf))
-            if m >= self.config.small_call_rows:
-                return (q @ vecs.T - live_thr).max(axis=1)
-            # Few queries (a routed call): FAISS' single-threaded SIMD kernel, one query at a time.
-            # A BLAS product this size would go multi-threaded, and on a busy machine its worker
-            # threads stall the call for milliseconds (the reason for `faiss_threads` too).
-            out = np.empty(m, dtype=np.float32)
-            buf = np.empty(n, dtype=np.float32)
-            for i in range(m):
-                faiss.fvec_inner_products_ny(faiss.swig_ptr(buf), faiss.swig_ptr(q[i]), faiss.swig_ptr(vecs),
-                                             self.dim, n)
-                buf -= live_thr
-                out[i] = buf.max()
-            return out
+            return scan_max_margins(q, t.vecs[: t.n], live_thresholds(t), self.config.small_call_rows)
+
+    def maybe_in_scope(self, queries: Any) -> np.ndarray:
+        """(m,) bool: False *proves* no live key holds the query (its `scan_margins` value is below
+        ``-scan_error``, and `search`/`match` report nothing in scope); True proves nothing.
+
+        Exact for every structure. From `IndexConfig.prune_min_keys` live keys on, whole clusters
+        of keys are ruled out by a cone bound and only the rest are scored (``index/_prune.py``),
+        so an out-of-scope query costs far less than a scan of every key.
+        """
+        return self._maybe_in_scope_unit(as_unit_rows(queries, self.dim, name="queries"))
+
+    def _maybe_in_scope_unit(self, q: np.ndarray) -> np.ndarray:
+        """`maybe_in_scope` for rows already validated as C-contiguous float32 unit rows of this
+        dimension (EditMemory validates its keys once for the whole routed call)."""
+        if q.dtype != np.float32 or q.ndim != 2 or q.shape[1] != self.dim or not q.flags.c_contiguous:
+            raise InvalidArgumentError("internal: _maybe_in_scope_unit needs validated unit rows")
+        m = q.shape[0]
+        with self._lock.read():
+            t = self._table
+            if m == 0 or t.n_alive == 0:
+                return np.zeros(m, dtype=bool)
+            f = self._cones.get(t)
+            small = self.config.small_call_rows
+            if f is None:
+                return scan_max_margins(q, t.vecs[: t.n], live_thresholds(t), small) >= -self.scan_error
+            return f.may_hold(q, small)
 
     def match(self, queries: Any) -> np.ndarray:
         """(m,) int64: per query the in-scope edit with the largest margin, -1 if none."""
@@ -414,9 +426,10 @@ class ScopedIndex:
             return
         t0 = time.perf_counter()
         try:
-            new_t = t.compacted()[0] if t.n_dead else t
+            new_t, remap = t.compacted() if t.n_dead else (t, None)
             reuse = s if (isinstance(s, IVFStructure) and kind == "ivf" and not retrain) else None
             new_s = _bk.build(kind, new_t, cfg, reuse=reuse)
+            cone = self._cones.carried(t, new_t, remap)
         except Exception:
             # The mutation that triggered this is already committed and the old table/structure
             # are still consistent; a rebuild only restores speed/memory, so retry on the next write.
@@ -427,6 +440,7 @@ class ScopedIndex:
             return
         with self._lock.write():
             self._table, self._struct = new_t, new_s
+            self._cones.current = cone
         logger.info("index rebuilt: %s -> %s, %d keys (%d removed dropped) in %.2fs", s.kind, kind,
                     new_t.n, t.n_dead, time.perf_counter() - t0)
 

@@ -11,12 +11,14 @@ from tests._index_fixtures import Oracle, check_match, check_search_row, near, s
 D = 16
 _ = single_faiss_thread  # autouse fixture
 
-# Small thresholds so IVF trains, retrains and compacts, and HNSW/flat compact, within a short run.
+# Small thresholds so IVF trains, retrains and compacts, HNSW/flat compact, and the rule-out filter
+# of `maybe_in_scope` clusters, re-clusters and is carried over compactions, within a short run.
+_PRUNE = {"prune_min_keys": 80, "prune_growth": 1.5}
 CONFIGS = {
-    "flat": IndexConfig(min_dead_to_compact=16),
-    "ivf": IndexConfig(ivf_min_train=150, ivf_growth=2.0, min_dead_to_compact=16, ivf_nprobe=8),
+    "flat": IndexConfig(min_dead_to_compact=16, **_PRUNE),
+    "ivf": IndexConfig(ivf_min_train=150, ivf_growth=2.0, min_dead_to_compact=16, ivf_nprobe=8, **_PRUNE),
     "hnsw": IndexConfig(min_dead_to_compact=16),
-    "auto": IndexConfig(auto_ivf_keys=250, ivf_growth=2.0, min_dead_to_compact=16, ivf_nprobe=8),
+    "auto": IndexConfig(auto_ivf_keys=250, ivf_growth=2.0, min_dead_to_compact=16, ivf_nprobe=8, **_PRUNE),
 }
 
 
@@ -96,6 +98,12 @@ def _run_sequence(backend: str, seed: int, steps: int = 70):
             for q, g in zip(queries, got.tolist(), strict=True):
                 stats["match_n"] += 1
                 stats["match_ok"] += int(g == oracle.match(q))
+        # the rule-out is exact for every backend: never a row some key may hold, and every row
+        # the full margin scan clears (the oracle's in-scope rows are among the kept ones)
+        maybe = ix.maybe_in_scope(queries)
+        np.testing.assert_array_equal(maybe, ix.scan_margins(queries) >= -ix.scan_error)
+        for q, keep in zip(queries, maybe.tolist(), strict=True):
+            assert keep or oracle.match(q) == -1
         k = int(rng.integers(1, 6))
         res = ix.search(queries, k=k)
         assert res.edit_ids.shape == (queries.shape[0], k) and res.edit_ids.dtype == np.int64
