@@ -85,6 +85,17 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    return sorted_xs[min(len(sorted_xs) - 1, round(q * (len(sorted_xs) - 1)))]
+
+
+def _median_ci(xs: list[float], rng: np.random.Generator, n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap confidence interval of the median."""
+    a = np.asarray(xs)
+    meds = np.median(a[rng.integers(0, a.size, size=(n_boot, a.size))], axis=1)
+    return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
+
+
 def med_ms(xs: list[float]) -> float:
     return 1000 * statistics.median(xs)
 
@@ -245,19 +256,23 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                 expect = -1 if scope == "out" else None
                 ids = mem.route(keys=keys).edit_ids
                 assert (ids == -1).all() if expect == -1 else (ids >= 0).all(), (scope, ids)
-                # Each routing call right after a generate, as in a serving loop: the generate evicts
-                # the caches routing uses, which costs it about as much as the routing itself.
+                # Every call but the first right after a generate, as in a serving loop: a generate
+                # evicts the caches routing uses, which costs it about as much as the routing
+                # itself. The wrapped generate follows the bare one directly, so its own routing
+                # runs as cold as in a loop of wrapped calls (not warmed by a routing call).
+                gen_bare = lambda inputs=inputs: model.generate(**inputs, **gen)  # noqa: E731
                 calls = {
-                    "bare": lambda inputs=inputs: model.generate(**inputs, **gen),
-                    "route_ids": lambda keys=keys: mem.route_ids(keys=keys),
+                    "bare": gen_bare,
                     "keys": lambda inputs=inputs, keys=keys: em.generate(**inputs, route_keys=keys, **gen),
-                    "route": lambda keys=keys: mem.route(keys=keys),
+                    "route_ids": lambda keys=keys: mem.route_ids(keys=keys),
                     "encode": lambda inputs=inputs, ims=ims, qs=qs: em.generate(
                         **inputs, route_images=ims, route_texts=qs, **gen
                     ),
                     "route_encode": lambda ims=ims, qs=qs: mem.route_ids(images=ims, texts=qs),
+                    "bare_2": gen_bare,
+                    "route": lambda keys=keys: mem.route(keys=keys),
+                    "bare_3": gen_bare,
                     # the baseline of the rule-out `route_ids` starts with: every key's margin
-                    "bare_again": lambda inputs=inputs: model.generate(**inputs, **gen),
                     "scan": lambda keys=keys: mem._index.scan_margins(keys),
                 }
                 with torch.no_grad():
@@ -287,6 +302,12 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                 row["route_full_ms"] = med_ms(times["route"])
                 row["route_encode_ms"] = med_ms(route_enc)
                 row["scan_ms"] = med_ms(times["scan"])
+                # each repetition's wrapped call right after its own bare one: the ratio of the pair
+                # cancels the machine's drift, so its median is the steadiest estimate of the overhead
+                pairs = sorted(w / b for b, w in zip(times["bare"], times["keys"], strict=True))
+                lo, hi = _median_ci(pairs, np.random.default_rng(args.seed))
+                row["paired_ratio"] = {"median": statistics.median(pairs), "q25": _quantile(pairs, 0.25),
+                                       "q75": _quantile(pairs, 0.75), "ci95": [lo, hi], "n": len(pairs)}
                 row["route_ratio_no_encoding"] = 1 + row["route_keys_ms"] / row["median"]["bare_ms"]
                 overhead.append(row)
         flush(res)  # a long run (10k edits) leaves usable partial results behind
@@ -309,20 +330,35 @@ def lifecycle_at_size(em: Any, mem: Any, rng: np.random.Generator, args: argpars
         add_t.append(time.perf_counter() - t0)
     filler = sorted(e for e in mem._edits if e < have)  # the fill's edits: ids 0..have-1
     victims = [int(v) for v in rng.choice(filler, size=min(len(filler), len(ids)), replace=False)]
-    del_t, holders = [], []
+    del_t, settle_t, holders = [], [], []
     for v in [*ids, *victims]:
         holders.append(sum(v in st.nbrs for st in mem._edits.values()))
         t0 = time.perf_counter()
         em.delete_edit(v)
         del_t.append(time.perf_counter() - t0)
+        # the holders' re-fit runs after the call on the settler thread; waiting for it keeps it
+        # out of the next call's time (a delete issued during a settle waits for it: its own cost)
+        while mem.pending_refits:
+            time.sleep(0.0005)
+        settle_t.append(time.perf_counter() - t0)
     return {
         "edits": size,
         "add_compiled_ms": med_ms(add_t),
         "delete_ms": med_ms(del_t),
         "delete_min_ms": 1000 * min(del_t) if del_t else float("nan"),
+        "delete_settled_ms": med_ms(settle_t),
         "holders_median": statistics.median(holders) if holders else 0,
         "n": len(del_t),
     }
+
+
+def _paired(o: dict[str, Any]) -> str:
+    p = o.get("paired_ratio")
+    if p is None:
+        return "-"
+    ci = p.get("ci95")
+    return f"{p['median']:.3f} [{p['q25']:.3f}, {p['q75']:.3f}]" + (
+        f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -330,15 +366,18 @@ def markdown(result: dict[str, Any]) -> str:
         "## Generate overhead (ms; ratio = wrapped / bare on the same inputs in the same run)",
         "",
         "Interleaved repetitions (bare, wrapped, ... in turn) on a shared machine: min (noise only adds",
-        "time) and, for keys reused, the median ratio too. route_ids = the routing a wrapped call runs",
+        "time) and, for keys reused, the median ratio too, and the median of each repetition's",
+        "wrapped/bare pair (interquartile range in brackets, 95% bootstrap interval of the median in",
+        "parentheses). route_ids = the routing a wrapped call runs",
         "(median, timed alone right after a generate): what an out-of-scope call adds to the bare",
         "generate; route = the full RouteResult (explanations, runner-up) that `retrieve` computes;",
         "scan = every key's margin (`scan_margins`), the linear baseline of the rule-out `route_ids`",
         "starts with (`maybe_in_scope`), timed the same way.",
         "",
         "| model | edits | batch | scope | bare | wrapped, keys reused | ratio (min) | ratio (median) "
+        "| paired ratio, median [IQR] (95% CI) "
         "| wrapped, encoding | ratio | route_ids | scan | route | route_ids, encoding | 1 + route_ids/bare |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fam in result["families"]:
         for o in fam["overhead"]:
@@ -346,7 +385,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {fam['model_type']} | {o['edits']} | {o['batch']} | {o['scope']} | {m['bare_ms']:.1f} | "
                 f"{m['wrapped_no_encoding_ms']:.1f} | {m['ratio_no_encoding']:.3f} | "
-                f"{md['ratio_no_encoding']:.3f} | "
+                f"{md['ratio_no_encoding']:.3f} | {_paired(o)} | "
                 f"{m['wrapped_with_encoding_ms']:.1f} | {m['ratio_with_encoding']:.3f} | "
                 f"{o['route_keys_ms']:.2f} | {o.get('scan_ms', float('nan')):.2f} | "
                 f"{o.get('route_full_ms', float('nan')):.2f} | "
@@ -373,17 +412,21 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "At the largest memory size (a dense one: the tiny encoder's keys are all alike, so every",
-        "deleted edit has holders whose neighbour sets and scopes are recomputed):",
+        "deleted edit has holders whose neighbour sets and scopes are recomputed). A delete call",
+        "removes the edit from routing; the holders are re-fitted right after on the settler thread",
+        "(until settled = the call plus that re-fit, waited for before the next delete):",
         "",
-        "| model | edits | add (compiled) ms | delete ms (median) | delete ms (min) | holders per delete |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | edits | add (compiled) ms | delete ms (median) | delete ms (min) | until settled ms "
+        "| holders per delete |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for fam in result["families"]:
         z = fam.get("lifecycle_at_size")
         if z:
             lines.append(
                 f"| {fam['model_type']} | {z['edits']} | {z['add_compiled_ms']:.1f} | {z['delete_ms']:.1f} | "
-                f"{z['delete_min_ms']:.1f} | {z['holders_median']:.0f} |"
+                f"{z['delete_min_ms']:.1f} | {z.get('delete_settled_ms', float('nan')):.1f} | "
+                f"{z['holders_median']:.0f} |"
             )
     lines += [
         "",

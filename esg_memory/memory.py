@@ -227,6 +227,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         for eid in sorted(self._edits):
             st = self._edits[eid]
             ix.add(np.full(len(st.fit.key_index), eid, dtype=np.int64), st.keys, st.fit.thresholds)
+        ix.prepare_rule_out()  # not in the first routed call
         self._index = ix
 
     # ------------------------------------------------------------------ writes

@@ -34,12 +34,15 @@ __all__ = ["ConeCache", "ConeFilter", "live_thresholds", "scan_max_margins"]
 logger = logging.getLogger(__name__)
 
 _CHUNK = 65_536  # rows per assignment step (bounds the temporary (rows, clusters) matrix)
+_BLAS_ONE_THREAD = 131_072  # multiply-adds of a product OpenBLAS runs on the calling thread, with margin
 
 
 def scan_max_margins(q: np.ndarray, vecs: np.ndarray, thr: np.ndarray, small_rows: int) -> np.ndarray:
     """(m,) per query row, the largest ``vecs @ q - thr`` (unit rows; dead keys have thr = inf)."""
     m, n = q.shape[0], vecs.shape[0]
-    if m >= small_rows:
+    # One BLAS product for a large batch, or a product small enough that OpenBLAS keeps it on
+    # the calling thread (it threads above 4 * 65536 multiply-adds); else the per-row kernel.
+    if m >= small_rows or (m > 1 and m * n * q.shape[1] <= _BLAS_ONE_THREAD):
         return (q @ vecs.T - thr).max(axis=1)
     out = np.empty(m, dtype=np.float32)
     buf = np.empty(n, dtype=np.float32)

@@ -208,4 +208,5 @@ def load_index(cls: type[ScopedIndex], path: str | os.PathLike) -> ScopedIndex:
     struct = _load_structure(path, blobs["structure.faiss"], desc["kind"], dim, table, cfg, desc)
     ix = cls(dim, backend=backend, config=cfg)
     ix._table, ix._struct = table, struct
+    ix.prepare_rule_out()
     return ix

@@ -153,3 +153,12 @@ def test_concurrent_readers_and_a_writer_stay_exact():
             t.join()
     assert not errors, errors
     _check_exact(ix, q)
+
+
+def test_loading_builds_the_filter_and_it_stays_exact(tmp_path):
+    ix, keys, rng = _filled(4)
+    ix.save(tmp_path / "ix")
+    back = ScopedIndex.load(tmp_path / "ix")
+    assert back._cones.current is not None and back._cones.current.table is back._table
+    q = _queries(rng, keys)
+    np.testing.assert_array_equal(_check_exact(back, q), _check_exact(ix, q))

@@ -14,7 +14,8 @@ import torch
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
 from esg_memory.types import MemoryConfig
-from index import ScopedIndex
+from index import IndexConfig, ScopedIndex
+from index._prune import ConeCache
 from tests._index_fixtures import near, single_faiss_thread, unit
 from tests._memory_fixtures import HashKeyEncoder
 from tests._memory_fixtures import shape_image as mem_shape
@@ -89,8 +90,15 @@ def _dense_memory() -> tuple[EditMemory, list, list]:
     return mem, ims, txs
 
 
-def test_route_ids_equals_route_whatever_the_batch():
+@pytest.mark.parametrize("clustered", [False, True])
+def test_route_ids_equals_route_whatever_the_batch(clustered):
     mem, ims, txs = _dense_memory()
+    if clustered:  # the rule-out's cluster filter, which real memories use from 2048 keys on
+        ix = mem._index
+        ix.config = IndexConfig(prune_min_keys=8, prune_keys_per_cluster=2)
+        ix._cones = ConeCache(ix.config)
+        ix.prepare_rule_out()
+        assert ix._cones.current is not None
     keys = mem.route(images=ims, texts=txs).keys
     ref = mem.route(keys=keys).edit_ids
     assert (ref >= 0).any() and (ref < 0).any(), "the probes mix in-scope and out-of-scope rows"
