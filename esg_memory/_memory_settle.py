@@ -34,7 +34,7 @@ from ._memory_state import EditState, blobs_of
 if TYPE_CHECKING:
     from .memory import EditMemory
 
-__all__ = ["SETTLE_MODES", "SettleMixin"]
+__all__ = ["SETTLE_MODES", "SettleMixin", "WriterMutex"]
 
 logger = logging.getLogger("esg_memory.memory")
 
@@ -46,6 +46,45 @@ SETTLE_MODES = ("background", "sync", "manual")
 SETTLE_DELAY_S = 0.002
 #: An idle settler thread exits after this long (a delete wakes a live one: no thread start per delete).
 SETTLER_IDLE_S = 2.0
+#: After giving way to a writer, the settler waits up to this long (doubling from SETTLE_DELAY_S) before
+#: trying again, so a burst of deletes is not slowed by settle attempts it keeps interrupting.
+SETTLE_BACKOFF_MAX_S = 0.1
+
+
+class WriterMutex:
+    """The memory's writer lock (reentrant) that also tells a background settle a writer is waiting.
+
+    A settle re-fits the deleted edits' holders under this lock, which takes tens of ms in a dense
+    memory; the settler checks `contended` between two re-fits and gives way (its plan is dropped,
+    nothing was applied) so that a delete or any other write waits for at most one re-fit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def contended(self) -> bool:
+        return self._waiting > 0
+
+    def __enter__(self) -> WriterMutex:
+        if not self._lock.acquire(blocking=False):  # the owner re-entering never counts as waiting
+            with self._count:
+                self._waiting += 1
+            try:
+                self._lock.acquire()
+            finally:
+                with self._count:
+                    self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class _GaveWay(Exception):
+    """A background settle stopped for a waiting writer (internal; nothing was applied)."""
 
 
 class _DropPlan:
@@ -86,16 +125,26 @@ class SettleMixin:
         with self._wlock:
             self._settle_locked()
 
-    def _settle_locked(self: EditMemory) -> None:
-        """`settle` for a caller that holds the writer lock (every write path starts with it)."""
+    def _settle_locked(self: EditMemory, give_way: bool = False) -> None:
+        """`settle` for a caller that holds the writer lock (every write path starts with it).
+
+        ``give_way`` (the background settler): raise `_GaveWay` between two re-fits when another
+        writer waits for the lock; the plan is dropped and the deletions stay pending.
+        """
         if not self._pending:
             return
         pend = dict(self._pending)
         plan = self._plan()
+
+        def check() -> None:
+            if give_way and self._wlock.contended:
+                raise _GaveWay
+
         affected: set[int] = set()
         for eid in sorted(pend):
+            check()
             affected |= plan.release(eid, pend[eid])
-        plan.refit_all(affected)
+        plan.refit_all(affected, before_each=check)
 
         def done() -> None:
             for e in pend:
@@ -143,17 +192,23 @@ class SettleMixin:
         t.start()
 
     def _settler(self: EditMemory) -> None:
+        delay = SETTLE_DELAY_S
         try:
             while True:
                 woke = self._settle_wake.wait(SETTLER_IDLE_S)
                 if woke:
-                    time.sleep(SETTLE_DELAY_S)
+                    time.sleep(delay)
                 with self._wlock:
                     if not self._settle_wake.is_set() and not self._pending:
                         self._settle_running = False
                         return
                     self._settle_wake.clear()
-                    self._settle_locked()
+                    try:
+                        self._settle_locked(give_way=True)
+                        delay = SETTLE_DELAY_S
+                    except _GaveWay:
+                        self._settle_wake.set()  # again once the writer is through
+                        delay = min(SETTLE_BACKOFF_MAX_S, 2 * delay)
         except Exception as e:  # the deletions stay pending; the next write or settle() retries
             self.last_settle_error = f"{type(e).__name__}: {e}"
             logger.error("background settling failed: %s", self.last_settle_error)

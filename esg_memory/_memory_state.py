@@ -489,9 +489,12 @@ class Plan:
         self.put(replace(state, fit=fit, versions=(*state.versions[:-1], newcur)))
         self.refit_log.append(eid)
 
-    def refit_all(self, ids: set[int]) -> list[int]:
+    def refit_all(self, ids: set[int], before_each: Callable[[], None] | None = None) -> list[int]:
+        """Re-fit these edits in id order; ``before_each`` may raise to abandon the plan between two."""
         done = []
         for eid in sorted(ids):
+            if before_each is not None:
+                before_each()
             if self.get(eid) is not None:
                 self.refit(eid)
                 done.append(eid)

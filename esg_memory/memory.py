@@ -29,7 +29,7 @@ from ._memory_feedback import FeedbackMixin
 from ._memory_inputs import InputsMixin, route_rows
 from ._memory_persist import PersistenceMixin
 from ._memory_route import RoutingMixin
-from ._memory_settle import SettleMixin
+from ._memory_settle import SettleMixin, WriterMutex
 from ._memory_state import Derived, EditState, Plan
 from ._memory_util import (
     MAX_TEXT_CHARS,
@@ -90,7 +90,7 @@ class EditMemory(EncodingMixin, InputsMixin, RoutingMixin, FeedbackMixin, Persis
         self.encoder = encoder
         self.config = config
         self._backend = backend
-        self._wlock = threading.RLock()  # serialises writers (planning + commit)
+        self._wlock = WriterMutex()  # serialises writers (planning + commit); reentrant
         self._lock = threading.RLock()  # guards the committed state; held only briefly
         self._edits: dict[int, EditState] = {}
         self._blobs: dict[str, bytes] = {}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 
+from esg_memory._memory_state import Plan
 from esg_memory.durable import JournalConfig
 from esg_memory.journal import live_records, read_journal
 from esg_memory.memory import EditMemory
@@ -150,3 +151,29 @@ def test_readers_during_background_settling_never_see_the_deleted_edit():
         t.join()
     assert all(victim not in ids for ids in seen[after:])
     assert not m.pending_refits
+
+
+def test_a_waiting_writer_interrupts_background_settling(monkeypatch):
+    m = built(EDITS, "background")
+    first = victim_of(m)
+    refits: list[int] = []
+    inside = threading.Event()
+    real = Plan.refit
+
+    def slow_refit(self, eid):  # a dense memory's re-fit, so that the second delete lands inside it
+        refits.append(eid)
+        inside.set()
+        time.sleep(0.05)
+        return real(self, eid)
+
+    monkeypatch.setattr(Plan, "refit", slow_refit)
+    m.delete(first)
+    assert inside.wait(30), "the settler never started re-fitting"
+    second = victim_of(m)
+    m.delete(second)  # waits for the re-fit in progress, not for the whole settle
+    assert first in m.pending_refits  # the settle gave way: nothing of it was applied
+    assert len(refits) < 2 + len(m.pending_refits[first])
+    monkeypatch.setattr(Plan, "refit", real)
+    m.settle()
+    assert not m.pending_refits and m.last_settle_error is None
+    assert state(m) == state(built([e for e in EDITS if e["edit_id"] not in (first, second)]))
