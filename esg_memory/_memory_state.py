@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from index import scan_error
+
 from ._memory_util import NeighbourTable
 from .scope import ScopeFit, fit_scope, pairwise_sims
 from .types import EditVersion, MemoryConfig
@@ -172,9 +174,9 @@ class Plan:
         self.table = table  # committed candidate vectors (pre-filter only)
         self.fresh = NeighbourTable(pool.shape[1])  # candidates re-encoded by this plan
         self.refit_log: list[int] = []
-        # Bound on the float32 pre-filter's error against the exact float64 cosine of unit rows
-        # (recursive summation: d * 2^-24, doubled), so pruning by it never drops a true member.
-        self.slack = 1e-6 + pool.shape[1] * 2.0**-23
+        # Bound on the float32 pre-filter's error against the exact float64 cosine of unit rows,
+        # so pruning by it never drops a true member.
+        self.slack = scan_error(pool.shape[1])
 
     # -- view -----------------------------------------------------------------------------------
     def get(self, eid: int) -> EditState | None:

@@ -6,6 +6,7 @@
 See ``index/README.md`` for the API, the semantics of search/match and the on-disk format.
 """
 
+from ._prune import scan_error
 from .backends import IndexConfig
 from .errors import (
     DimensionError,
@@ -35,4 +36,5 @@ __all__ = [
     "SearchResult",
     "ThresholdError",
     "UnknownIdError",
+    "scan_error",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 from ._table import KeyTable
 from .backends import IndexConfig
 
-__all__ = ["ConeCache", "ConeFilter", "live_thresholds", "scan_max_margins"]
+__all__ = ["ConeCache", "ConeFilter", "live_thresholds", "scan_error", "scan_max_margins"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +53,19 @@ def scan_max_margins(q: np.ndarray, vecs: np.ndarray, thr: np.ndarray, small_row
     return out
 
 
-def _inner(q: np.ndarray, vecs: np.ndarray, small_rows: int) -> np.ndarray:
-    """(m, n) float32 ``q @ vecs.T``."""
-    if q.shape[0] >= small_rows:
-        return q @ vecs.T
-    out = np.empty((q.shape[0], vecs.shape[0]), dtype=np.float32)
-    for i in range(q.shape[0]):
-        _inner_row(out[i], q[i], vecs)
-    return out
-
-
 def _inner_row(out: np.ndarray, q: np.ndarray, vecs: np.ndarray) -> None:
     # Few queries (a routed call): FAISS' single-threaded SIMD kernel, one query at a time. A
     # BLAS product this size may go multi-threaded, and on a busy machine its worker threads
     # stall the call for milliseconds (the reason for `faiss_threads` too).
     faiss.fvec_inner_products_ny(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(vecs),
                                  q.shape[0], vecs.shape[0])
+
+
+def scan_error(dim: int) -> float:
+    """Bound on the error of a float32 dot product of two ``dim``-long unit rows (recursive summation:
+    ``dim * 2**-24``, doubled, plus rounding slack): what separates two summation orders of the same
+    cosine, or one of them from the exact value."""
+    return 1e-6 + dim * 2.0**-23
 
 
 def live_thresholds(t: KeyTable) -> np.ndarray:
@@ -93,7 +90,7 @@ class ConeFilter:
         self.trained_n = trained_n
         # float32 dot products of unit rows are off by at most ~dim ulps; loosening every angle
         # by twice `ScopedIndex.scan_error` keeps the bound sound
-        self.tol = 1e-6 + table.dim * 2.0**-23
+        self.tol = scan_error(table.dim)
         self.err = 2.0 * self.tol
         self.live_thr = live_thresholds(table)
         self.cut = _cuts(cent.shape[0], assign, cos_c, self.live_thr, self.tol, self.err)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import backends as _bk
-from ._prune import ConeCache, live_thresholds, scan_max_margins
+from ._prune import ConeCache, live_thresholds, scan_error, scan_max_margins
 from ._sync import RWLock
 from ._table import KeyTable
 from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds, as_unit_rows
@@ -279,7 +279,7 @@ class ScopedIndex:
     def scan_error(self) -> float:
         """Bound on how far a `scan_margins` value can be from the margin `search` computes for the
         same key: both are float32 sums of ``dim`` products of unit rows, in different orders."""
-        return 1e-6 + self.dim * 2.0**-23
+        return scan_error(self.dim)
 
     def scan_margins(self, queries: Any) -> np.ndarray:
         """(m,) float32: per query, the largest ``cos - threshold`` over every live key (-inf if none).

@@ -288,7 +288,7 @@ def load_mmedit(
     cases = []
     for i, v, port, loc_q in rows:
         where = f"{Path(path).name} record {i}"
-        image = img(v["image"], where)
+        image, other = img(v["image"], where), img(v["m_loc"], where)
         cases.append(
             EditCase(
                 uid=f"{source}:{i}",
@@ -301,8 +301,8 @@ def load_mmedit(
                 rephrase=v["rephrase"],
                 image_rephrase=(img(v["image_rephrase"], where),),
                 loc=Probe("t_loc", None, loc_q, v["loc_ans"]),
-                m_loc=Probe("m_loc", img(v["m_loc"], where), v["m_loc_q"], v["m_loc_a"]),
-                hard=_hard(v, image, img(v["m_loc"], where), kind),
+                m_loc=Probe("m_loc", other, v["m_loc_q"], v["m_loc_a"]),
+                hard=_hard(v, image, other, kind),
                 portability=port,
                 revisions=_alternatives(targets, i),
             )
