@@ -110,9 +110,8 @@ def _spec(k: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ child
 def child(path: Path, seed: int, n_ops: int, compact_bytes: int, background: bool) -> None:
-    from esg_memory.durable import JournalConfig
+    from esg_memory.config import JournalConfig, MemoryConfig
     from esg_memory.memory import EditMemory
-    from esg_memory.types import MemoryConfig
 
     rng = random.Random(seed)
     enc = CrashEncoder()

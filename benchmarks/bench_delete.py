@@ -45,7 +45,7 @@ MODES = ("sync", "manual", "background")
 
 def measure(encoder, n: int, deletes: int) -> dict:
     from esg_memory import EditMemory
-    from esg_memory.types import MemoryConfig
+    from esg_memory.config import MemoryConfig
 
     mem = EditMemory(encoder, MemoryConfig())
     t = time.perf_counter()

@@ -52,9 +52,8 @@ def stats_ms(xs: list[float]) -> dict[str, float]:
 
 
 def measure(n: int, workdir: Path) -> dict[str, Any]:
-    from esg_memory.durable import JournalConfig
+    from esg_memory.config import JournalConfig, MemoryConfig
     from esg_memory.memory import EditMemory
-    from esg_memory.types import MemoryConfig
 
     enc = CrashEncoder(dim=64)
     path = workdir / f"mem{n}"

@@ -42,7 +42,7 @@ class _RefitCounter(logging.Handler):
 
 def measure(make_encoder, n: int, cap: int | None, counter: _RefitCounter) -> dict:
     from esg_memory import EditMemory
-    from esg_memory.types import MemoryConfig
+    from esg_memory.config import MemoryConfig
 
     # settle="sync": the delete call re-fits its holders, so its time and re-fit count are the write's
     # whole cost (the default two-phase delete defers them; bench_delete.py compares the two).

@@ -64,8 +64,8 @@ from _routing_data import (
 from _routing_eval import build_probes, calibrate_global, grace_radii, metrics, nearest_rule
 
 from esg_memory.augment import question_templates
+from esg_memory.config import MemoryConfig
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig
 
 log = logging.getLogger("bench_routing")
 _COCO = re.compile(r"(\d{6,})\.(?:jpg|png)$")

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "EditMemory": "memory",
-    "MemoryConfig": "types",
+    "MemoryConfig": "config",
     "Edit": "types",
     "EditVersion": "types",
     "Positive": "types",
@@ -32,10 +32,11 @@ _LAZY = {
     "augment_image": "augment",
     "question_templates": "augment",
     "EditedModel": "model",
-    "EditedModelConfig": "model",
+    "AdapterConfig": "config",
+    "EditedModelConfig": "config",
     "load_base_model": "loading",
     "load_encoder": "loading",
-    "JournalConfig": "durable",
+    "JournalConfig": "config",
     "run_eval": "eval",
     "EvalConfig": "eval",
 }

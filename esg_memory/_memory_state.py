@@ -36,8 +36,9 @@ import torch
 from index import scan_error
 
 from ._memory_util import NeighbourTable
+from .config import MemoryConfig
 from .scope import ScopeFit, fit_scope, pairwise_sims
-from .types import EditVersion, MemoryConfig
+from .types import EditVersion
 
 __all__ = ["CrossEncoder", "Derived", "EditState", "EditVectors", "Plan", "blobs_of"]
 

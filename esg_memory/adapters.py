@@ -34,7 +34,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load as st_load
 
-from .errors import ConfigError, FormatError, InvalidInputError, TuningError
+from .config import AdapterConfig
+from .errors import FormatError, InvalidInputError, TuningError
 from .families import Family, ModelSpec, PrefixKV, make_cache
 
 __all__ = [
@@ -57,52 +58,6 @@ _HEADER_ALLOWANCE = 512  # safetensors JSON header with our metadata is ~400 byt
 
 
 _DEFAULT_LR = {"kv": 0.3, "soft": 0.03}
-
-
-@dataclass
-class AdapterConfig:
-    """How adapters are compiled, tuned and stored."""
-
-    statement_template: str = "Question: {question} Answer: {answer}.\n"
-    """Text whose K/V form the compiled prefix; ``{question}`` and ``{answer}`` are filled in."""
-    tuned_kind: Literal["auto", "soft", "kv"] = "auto"
-    """Parametrisation tuned by ``tune="sync"|"background"``: low-rank soft prompt (small) or K/V (large).
-    ``"auto"``: K/V when a full K/V prefix fits ``soft_budget_bytes`` (small models: strongest and fastest),
-    else the soft prompt (7B-class models, where K/V would cost megabytes per edit)."""
-    soft_rank: int | None = None
-    """Rank of the soft-prompt delta (bytes grow as ``rank * (P + hidden)``); None: the largest rank whose
-    stored adapter fits ``soft_budget_bytes`` (capped at ``min(P, hidden)``, i.e. a full-rank delta)."""
-    soft_budget_bytes: int = 64 * 1024
-    """Storage budget of one soft adapter when ``soft_rank`` is None (rank 7 for a 7B model, full on tiny)."""
-    storage_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    """dtype tuned parameters are stored (and verified) in."""
-    lr: float | None = None
-    """Adam learning rate for tuning; None: 0.3 for K/V prefixes, 0.03 for soft prompts (measured on the
-    shipped easy-vqa LLaVA: K/V at 0.03 needs ~290 steps, at 0.3 ~140)."""
-    max_steps: int = 300
-    """Give up (report ``exact=False``) after this many steps."""
-    margin: float = 1.0
-    """Required logit margin of every target token over the runner-up before tuning stops."""
-    max_examples: int = 16
-    """At most this many (image, prompt) examples (edit input + positives) per tuning step."""
-    seed: int = 0
-    """Seed for the soft-prompt delta's random factor (tuning is deterministic given the inputs)."""
-    cache_size: int = 512
-    """Number of (edit, version) K/V prefixes kept hot in memory."""
-
-    def __post_init__(self) -> None:
-        if "{answer}" not in self.statement_template:
-            raise ConfigError("statement_template must contain {answer}")
-        if self.tuned_kind not in ("auto", "soft", "kv"):
-            raise ConfigError(f"tuned_kind must be 'auto', 'soft' or 'kv', not {self.tuned_kind!r}")
-        if self.storage_dtype not in _DTYPES:
-            raise ConfigError(f"storage_dtype must be one of {sorted(_DTYPES)}")
-        if self.soft_rank is not None and self.soft_rank < 1:
-            raise ConfigError("soft_rank must be None or >= 1")
-        if self.max_steps < 1 or self.max_examples < 1 or self.cache_size < 1 or self.soft_budget_bytes < 1:
-            raise ConfigError("max_steps, max_examples, cache_size and soft_budget_bytes must be >= 1")
-        if not ((self.lr is None or self.lr > 0) and self.margin >= 0):
-            raise ConfigError("lr must be > 0 and margin >= 0")
 
 
 @dataclass

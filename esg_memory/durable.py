@@ -32,13 +32,13 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from index._fs import fsync_dir, read_regular_file, recover_dir
 
+from .config import JournalConfig
 from .errors import ConfigError, FormatError, LockError
 from .journal import (
     JournalWriter,
@@ -71,28 +71,6 @@ logger = logging.getLogger("esg_memory.durable")
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
 _PLAIN_FILES = ("memory.json", "keys.safetensors", "blobs", "attachments", "index")
-
-
-@dataclass
-class JournalConfig:
-    """When a durable memory compacts its journal into a new snapshot."""
-
-    compact_bytes: int = 64 * 2**20
-    """Compact once the journal segment in use holds this many bytes (0: only on `compact`/`close`).
-    Replay time at open grows with the journal; a snapshot costs O(edits)."""
-    background: bool = True
-    """Write auto-compaction snapshots in a background thread. Writers then wait only for the
-    capture (dict copies, the index saving itself, a new journal segment: milliseconds to a
-    fraction of a second at 10k edits) instead of the whole snapshot (seconds: one file per image
-    and adapter, each fsynced). The price: a second copy of the dict structure (not of the arrays,
-    which are shared and immutable) while the snapshot is written."""
-    compact_on_close: bool = True
-    """`close` writes a snapshot first, so the next open replays nothing."""
-
-    def __post_init__(self) -> None:
-        cb = self.compact_bytes
-        if isinstance(cb, bool) or not isinstance(cb, int) or cb < 0:
-            raise ConfigError("compact_bytes must be an int >= 0")
 
 
 def is_durable(path: Path) -> bool:

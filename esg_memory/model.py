@@ -30,7 +30,7 @@ import torch
 from index._fs import atomic_write_bytes
 
 from ._memory_util import check_text, normalize_image_arg
-from ._model_config import EditedModelConfig, Retrieval, TuneMode, config_from_meta
+from ._model_config import Retrieval, TuneMode, config_from_meta
 from ._model_identity import MEMORY_DIR as _MEMORY_DIR
 from ._model_identity import META_FILE as _META_FILE
 from ._model_identity import MODEL_FORMAT_VERSION, weights_probe
@@ -39,6 +39,7 @@ from ._model_identity import check_model as _check_model
 from ._model_identity import hub_kwargs as _hub_kwargs
 from ._model_identity import open_memory as _open_memory
 from .adapters import Adapter, AdapterRuntime, TuneReport, tuning_examples
+from .config import EditedModelConfig
 from .errors import (
     ConfigError,
     FormatError,

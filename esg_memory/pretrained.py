@@ -289,7 +289,7 @@ def easyvqa_memory_config(**overrides: Any) -> Any:
     on every other subject as a negative, and a pool picture counts as "the edit's own subject" (not a
     negative) from image cosine 0.85. ``overrides`` are further ``MemoryConfig`` fields.
     """
-    from .types import MemoryConfig
+    from .config import MemoryConfig
 
     # Same-subject pictures mostly have image cosine >= 0.85 under the shipped CLIP, pictures of the
     # same colour and another shape mostly below: 0.85 (vs the library's 0.9) keeps more of the pool's

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import MemoryConfig
 from .errors import InvalidInputError
-from .types import MemoryConfig, ScopeRecord, UncoveredPositive
+from .types import ScopeRecord, UncoveredPositive
 
 __all__ = ["DEFAULT_LOCALITY_TEXTS", "GENERIC_QUESTIONS", "ScopeFit", "fit_scope", "pairwise_sims"]
 

@@ -187,7 +187,7 @@ class EditService:
 
     def _make_durable(self) -> None:
         """Journal the model's memory into ``memory_dir/memory`` (resumed if it was loaded from there)."""
-        from .durable import JournalConfig
+        from .config import JournalConfig
 
         assert self.memory_dir is not None
         mem = self.model.memory

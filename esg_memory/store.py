@@ -36,9 +36,10 @@ from index.errors import ScopedIndexError
 
 from ._memory_state import EditState, EditVectors
 from ._memory_util import check_encoder
+from .config import MemoryConfig
 from .errors import ConfigError, EncoderMismatchError, FormatError, InvalidInputError
 from .scope import ScopeFit, pairwise_sims
-from .types import EditVersion, MemoryConfig
+from .types import EditVersion
 
 if TYPE_CHECKING:
     from .memory import EditMemory

@@ -6,13 +6,12 @@ saved memory is data a user can read, diff and audit — never pickled objects.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, FormatError
+from .errors import FormatError
 
 __all__ = [
     "Conflict",
@@ -21,15 +20,16 @@ __all__ = [
     "EditVersion",
     "FeedbackOutcome",
     "FeedbackProbe",
-    "MemoryConfig",
     "Positive",
     "RouteResult",
     "ScopeRecord",
     "UncoveredPositive",
+    "from_fields",
 ]
 
 
-def _from_dict(cls, data: Any, what: str):
+def from_fields(cls, data: Any, what: str):
+    """``cls(**data)`` for a JSON object with no unknown fields, else `FormatError` naming ``what``."""
     if not isinstance(data, dict):
         raise FormatError(f"{what}: expected an object, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
@@ -40,165 +40,6 @@ def _from_dict(cls, data: Any, what: str):
         return cls(**data)
     except TypeError as e:
         raise FormatError(f"{what}: {e}") from None
-
-
-@dataclass
-class MemoryConfig:
-    """How scopes are learned. Every field is part of a saved memory (changing one changes routing).
-
-    The neighbour radius (two edits constrain each other when any of their known inputs are at
-    least this similar) is derived: ``min_threshold - margin``. Below it an input cannot influence a
-    threshold, which is what makes scopes independent of unrelated edits and deletion exact.
-    """
-
-    margin: float = field(
-        default=0.03, metadata={"help": "Gap kept between a threshold and the hardest negative."}
-    )
-    placement: float = field(
-        default=0.0,
-        metadata={
-            "help": "Where the threshold sits in the free interval [hardest negative + margin, easiest "
-            "positive - margin]: 0 = lowest safe value (widest generalization), 1 = tight around positives."
-        },
-    )
-    min_threshold: float = field(
-        default=0.6, metadata={"help": "No key's threshold goes below this cosine (caps a ball's size)."}
-    )
-    max_threshold: float = field(
-        default=0.995, metadata={"help": "No threshold goes above this (a key must still cover near copies)."}
-    )
-    max_keys: int = field(
-        default=4, metadata={"help": "Most keys one edit may own (anchor + extra positives)."}
-    )
-    n_text_positives: int = field(
-        default=4, metadata={"help": "Generated question rephrasings (question_templates) used as positives."}
-    )
-    n_image_positives: int = field(
-        default=2, metadata={"help": "Generated image augmentations (augment_image) used as positives."}
-    )
-    n_generic_questions: int = field(
-        default=8,
-        metadata={"help": "Hard negatives 'same image, other question' from built-in generic questions."},
-    )
-    n_pool_images: int = field(
-        default=4,
-        metadata={"help": "Hard negatives 'same question, other image' taken from locality-pool images."},
-    )
-    hard_negative_max_text_sim: float = field(
-        default=0.75,
-        metadata={
-            "help": "A generic/other question this text-similar to the edit's question is not a negative."
-        },
-    )
-    hard_negative_max_image_sim: float = field(
-        default=0.9,
-        metadata={
-            "help": "An image (image-only cosine) this close to the edit's shows the same subject: "
-            "not a negative."
-        },
-    )
-    locality_pool_size: int = field(
-        default=1000,
-        metadata={"help": "Most unrelated inputs (locality pool) used as negatives by every edit."},
-    )
-    neighbour_k: int = field(
-        default=4,
-        metadata={
-            "help": "Nearest neighbour edits whose question/image are crossed with this edit's "
-            "as hard negatives."
-        },
-    )
-    max_neighbours: int = field(
-        default=16,
-        metadata={
-            "help": "Most neighbour edits that constrain one edit's scope: the nearest ones (by link "
-            "cosine, ties by id) within the neighbour radius; 0 = all of them. Bounds what one add or "
-            "delete re-fits when many edits look alike; saved memories from before this field load as 0."
-        },
-    )
-    route_k: int = field(default=8, metadata={"help": "Candidate edits examined per routed input."})
-    separate_same_answer: bool = field(
-        default=False,
-        metadata={
-            "help": "Also keep apart edits whose answers are equal "
-            "(default: only different answers conflict)."
-        },
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of generated positives (mixed with each edit's content)."}
-    )
-    settle: str = field(
-        default="background",
-        metadata={
-            "help": "When a delete re-fits the neighbours the deleted edit constrained: 'background' "
-            "(the delete returns once the edit stops routing; a thread re-fits them right after), "
-            "'manual' (at the next write, save or settle()), 'sync' (inside the delete call). Until "
-            "then they keep the scopes they had while it existed; afterwards the memory routes as if "
-            "the edit never existed. Does not change settled routing."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def neighbour_radius(self) -> float:
-        return self.min_threshold - self.margin
-
-    def validate(self) -> None:
-        def num(name: str) -> float:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"MemoryConfig.{name} must be a finite number, got {v!r}")
-            return float(v)
-
-        def count(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"MemoryConfig.{name} must be an integer >= {lo}, got {v!r}")
-
-        if not 0.0 <= num("margin") < 0.5:
-            raise ConfigError(f"MemoryConfig.margin must be in [0, 0.5), got {self.margin}")
-        if not 0.0 <= num("placement") <= 1.0:
-            raise ConfigError(f"MemoryConfig.placement must be in [0, 1], got {self.placement}")
-        lo, hi = num("min_threshold"), num("max_threshold")
-        if not -1.0 < lo <= hi < 1.0:
-            raise ConfigError(f"need -1 < min_threshold <= max_threshold < 1, got {lo} and {hi}")
-        for name in ("hard_negative_max_text_sim", "hard_negative_max_image_sim"):
-            if not -1.0 <= num(name) <= 1.0:
-                raise ConfigError(f"MemoryConfig.{name} must be in [-1, 1]")
-        count("max_keys", 1)
-        for name in (
-            "n_text_positives",
-            "n_image_positives",
-            "n_generic_questions",
-            "n_pool_images",
-            "locality_pool_size",
-            "neighbour_k",
-            "max_neighbours",
-            "seed",
-        ):
-            count(name, 0)
-        count("route_k", 1)
-        if not isinstance(self.separate_same_answer, bool):
-            raise ConfigError("MemoryConfig.separate_same_answer must be a bool")
-        if self.settle not in ("background", "sync", "manual"):
-            raise ConfigError(
-                f"MemoryConfig.settle must be 'background', 'sync' or 'manual', got {self.settle!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
-        if isinstance(data, dict) and "max_neighbours" not in data:
-            # Written before the cap existed: every edit within the radius was a neighbour.
-            data = {**data, "max_neighbours": 0}
-        try:
-            return _from_dict(cls, data, "config")
-        except ConfigError as e:
-            raise FormatError(f"saved config is invalid: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -213,7 +54,7 @@ class Positive:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Positive:
-        return _from_dict(cls, d, "positive")
+        return from_fields(cls, d, "positive")
 
 
 @dataclass(frozen=True)
@@ -230,7 +71,7 @@ class FeedbackProbe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeedbackProbe:
-        return _from_dict(cls, d, "feedback probe")
+        return from_fields(cls, d, "feedback probe")
 
 
 @dataclass(frozen=True)
@@ -251,7 +92,7 @@ class ScopeRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScopeRecord:
-        return _from_dict(cls, d, "scope record")
+        return from_fields(cls, d, "scope record")
 
 
 @dataclass(frozen=True)
@@ -266,7 +107,7 @@ class UncoveredPositive:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UncoveredPositive:
-        return _from_dict(cls, d, "uncovered positive")
+        return from_fields(cls, d, "uncovered positive")
 
 
 @dataclass
@@ -312,7 +153,7 @@ class EditVersion:
             d["uncovered"] = [UncoveredPositive.from_dict(p) for p in d.get("uncovered", [])]
         except (TypeError, AttributeError) as e:
             raise FormatError(f"version: {e}") from None
-        return _from_dict(cls, d, "version")
+        return from_fields(cls, d, "version")
 
     def copy(self) -> EditVersion:
         return EditVersion.from_dict(self.to_dict())

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from esg_memory.config import MemoryConfig
 from esg_memory.errors import EsgMemoryError
 from esg_memory.images import MAX_IMAGE_BYTES, load_image
 from esg_memory.memory import MAX_TEXT_CHARS, EditMemory
-from esg_memory.types import MemoryConfig, Positive
+from esg_memory.types import Positive
 from index import ScopedIndex
 from index.errors import ScopedIndexError
 from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image

@@ -24,8 +24,14 @@ EXPECTED = json.loads((V1 / "expected.json").read_text())
 def _probes():
     texts = EXPECTED["probes"]["texts"]
     # the same pictures make_fixtures.py drew (shape_image is deterministic)
-    images = [shape_image("red"), shape_image("blue", shift=1), None, shape_image("green"),
-              shape_image("red", shift=3), None]
+    images = [
+        shape_image("red"),
+        shape_image("blue", shift=1),
+        None,
+        shape_image("green"),
+        shape_image("red", shift=3),
+        None,
+    ]
     return images, texts
 
 

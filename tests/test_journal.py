@@ -19,11 +19,10 @@ import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 from safetensors.numpy import load_file
 
-from esg_memory.durable import JournalConfig
+from esg_memory.config import JournalConfig, MemoryConfig
 from esg_memory.errors import ConfigError, FormatError, LockError
 from esg_memory.journal import list_segments, read_journal
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig
 
 ENC = HashKeyEncoder(dim=32)
 CFG = MemoryConfig(n_text_positives=1, n_image_positives=1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 
+from esg_memory.config import MemoryConfig
 from esg_memory.errors import (
     ConfigError,
     DuplicateEditError,
@@ -19,7 +20,7 @@ from esg_memory.errors import (
     VersionError,
 )
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig, Positive
+from esg_memory.types import Positive
 
 FAST = {"n_text_positives": 2, "n_image_positives": 1, "n_generic_questions": 4}
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from esg_memory import _memory_state
+from esg_memory.config import MemoryConfig
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig
 from tests._memory_fixtures import HashKeyEncoder, shape_image
 
 COLORS = ["red", "blue", "green", "yellow", "purple"]

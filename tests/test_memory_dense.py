@@ -11,9 +11,9 @@ import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 from test_memory_exact import assert_same_scopes
 
+from esg_memory.config import MemoryConfig
 from esg_memory.errors import ConfigError
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig
 
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
 SHAPES = ["circle", "rectangle", "triangle"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 
+from esg_memory.config import MemoryConfig
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig
 from index import ScopedIndex
 
 CFG = {"n_text_positives": 2, "n_image_positives": 1, "n_generic_questions": 3, "neighbour_k": 3}

@@ -12,10 +12,9 @@ import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 
 from esg_memory._memory_state import Plan
-from esg_memory.durable import JournalConfig
+from esg_memory.config import JournalConfig, MemoryConfig
 from esg_memory.journal import live_records, read_journal
 from esg_memory.memory import EditMemory
-from esg_memory.types import MemoryConfig
 
 ENC = HashKeyEncoder(dim=32)
 COLORS = ["red", "green", "blue", "yellow", "purple"]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from esg_memory.config import MemoryConfig
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
-from esg_memory.types import MemoryConfig
 from index import IndexConfig, ScopedIndex
 from index._prune import ConeCache
 from tests._index_fixtures import near, single_faiss_thread, unit

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from esg_memory.config import MemoryConfig
 from esg_memory.errors import ConfigError, FormatError, InvalidInputError
 from esg_memory.scope import fit_scope, pairwise_sims
-from esg_memory.types import MemoryConfig
 
 
 def cfg(**kw) -> MemoryConfig:

@@ -29,7 +29,8 @@ TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
 
 def wrap(serve_base, memory=None):
-    from esg_memory.model import EditedModel, EditedModelConfig
+    from esg_memory.config import EditedModelConfig
+    from esg_memory.model import EditedModel
 
     model, processor, encoder = serve_base
     # no generated paraphrases/augmentations: tuning on one example keeps the test in seconds
@@ -122,8 +123,9 @@ def test_restart_keeps_every_acknowledged_write(serve_base, tmp_path):
 
 
 def test_background_tuning_is_persisted_when_it_finishes(serve_base, tmp_path):
-    from esg_memory.adapters import Adapter, AdapterConfig
-    from esg_memory.model import EditedModel, EditedModelConfig
+    from esg_memory.adapters import Adapter
+    from esg_memory.config import AdapterConfig, EditedModelConfig
+    from esg_memory.model import EditedModel
 
     model, processor, encoder = serve_base
     # two steps: the point is the hand-over (tuned adapter swapped in, then persisted), not accuracy

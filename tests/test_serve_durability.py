@@ -24,7 +24,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import torch
 torch.set_num_threads(1)
 from esg_memory.loading import load_base_model, load_encoder
-from esg_memory.model import EditedModel, EditedModelConfig
+from esg_memory.model import EditedModel
+from esg_memory.config import EditedModelConfig
 from esg_memory.serve import create_app, running_server
 model, processor = load_base_model("tiny-random-llava")
 cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
@@ -37,7 +38,8 @@ with running_server(app) as url:
 
 
 def test_sigkilled_server_restarts_with_every_acknowledged_write(serve_base, tmp_path):
-    from esg_memory.model import EditedModel, EditedModelConfig
+    from esg_memory.config import EditedModelConfig
+    from esg_memory.model import EditedModel
     from esg_memory.serve import create_app
 
     mem = tmp_path / "mem"
@@ -84,9 +86,10 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(serve_base, tmp
 
 
 def test_edited_model_on_a_durable_directory(serve_base, tmp_path):
+    from esg_memory.config import EditedModelConfig
     from esg_memory.errors import LockError
     from esg_memory.memory import EditMemory
-    from esg_memory.model import ADAPTER_KIND, EditedModel, EditedModelConfig
+    from esg_memory.model import ADAPTER_KIND, EditedModel
 
     model, processor, enc = serve_base
     cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
