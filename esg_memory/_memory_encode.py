@@ -15,12 +15,13 @@ import numpy as np
 from PIL import Image
 
 from ._memory_state import EditState, EditVectors
-from ._memory_util import check_keys, check_text, edit_seed
+from ._memory_util import edit_seed
 from .augment import augment_image, question_templates
 from .errors import InvalidInputError
 from .images import load_image
 from .scope import DEFAULT_LOCALITY_TEXTS, GENERIC_QUESTIONS
 from .types import EditVersion
+from .validate import check_keys, check_text
 
 __all__ = ["EncodingMixin"]
 

@@ -10,10 +10,10 @@ from dataclasses import replace
 import numpy as np
 
 from ._memory_state import EditState
-from ._memory_util import check_text
 from .errors import InvalidInputError, VersionError
 from .images import ImageLike
 from .types import FeedbackOutcome, FeedbackProbe
+from .validate import check_text
 
 __all__ = ["FeedbackMixin"]
 

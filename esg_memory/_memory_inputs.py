@@ -9,41 +9,16 @@ from typing import Any
 import numpy as np
 
 from ._memory_state import EditState
-from ._memory_util import check_text, normalize_image_arg
 from .errors import DuplicateEditError, ImageError, InvalidInputError, UnknownEditError
 from .images import LoadedImage, load_image
 from .types import Positive
+from .validate import check_text, normalize_image_arg
 
-__all__ = ["MAX_ID", "MAX_METADATA_CHARS", "InputsMixin", "route_rows"]
+__all__ = ["MAX_ID", "MAX_METADATA_CHARS", "InputsMixin"]
 
 MAX_ID = 2**63 - 2
 #: Largest edit metadata accepted, as JSON text: it is stored in memory.json and every journal record.
 MAX_METADATA_CHARS = 1 << 20
-
-
-def _rows(x: Any, what: str) -> list:
-    if isinstance(x, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(x, Iterable):
-        raise InvalidInputError(f"{what} must be a list with one entry per row, not {type(x).__name__}")
-    return list(x)
-
-
-def route_rows(images: Any, texts: Any) -> tuple[list[Any], list[str | None]]:
-    """Checked (images, texts) rows for `EditMemory.route`; every row has an image, a text or both."""
-    if images is None and texts is None:
-        raise InvalidInputError("route needs images, texts or keys")
-    ims = None if images is None else _rows(images, "images")
-    txs = None if texts is None else _rows(texts, "texts")
-    n = len(txs) if txs is not None else len(ims)  # type: ignore[arg-type]
-    ims = [None] * n if ims is None else ims
-    txs = [None] * n if txs is None else txs
-    if len(ims) != len(txs):
-        raise InvalidInputError(f"{len(ims)} images but {len(txs)} texts")
-    for j, (im, t) in enumerate(zip(ims, txs, strict=True)):
-        if t is not None:
-            check_text(t, f"texts[{j}]")
-        if t is None and im is None:
-            raise InvalidInputError(f"row {j} has neither image nor text")
-    return [None if im is None else normalize_image_arg(im) for im in ims], txs
 
 
 class InputsMixin:

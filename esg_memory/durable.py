@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from index._fs import fsync_dir, read_regular_file, recover_dir
+from index import fsync_dir, read_regular_file, recover_dir
 
 from .config import JournalConfig
 from .errors import ConfigError, FormatError, LockError

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from index._fs import fsync_dir, read_regular_file
+from index import fsync_dir, read_regular_file
 
 from .errors import EsgMemoryError, FormatError
 

@@ -26,20 +26,13 @@ from index.errors import ScopedIndexError
 
 from ._memory_encode import EncodingMixin
 from ._memory_feedback import FeedbackMixin
-from ._memory_inputs import InputsMixin, route_rows
+from ._memory_inputs import InputsMixin
 from ._memory_persist import PersistenceMixin
 from ._memory_route import RoutingMixin
 from ._memory_settle import SettleMixin, WriterMutex
 from ._memory_state import Derived, EditState, Plan
-from ._memory_util import (
-    MAX_TEXT_CHARS,
-    CrossCache,
-    NeighbourTable,
-    check_encoder,
-    check_keys,
-    check_text,
-    translate_index_error,
-)
+from ._memory_util import CrossCache, NeighbourTable, translate_index_error
+from .config import MemoryConfig
 from .errors import (
     ConfigError,
     ImageError,
@@ -47,12 +40,8 @@ from .errors import (
     VersionError,
 )
 from .images import ImageLike
-from .types import (
-    Edit,
-    EditVersion,
-    MemoryConfig,
-    RouteResult,
-)
+from .types import Edit, EditVersion, RouteResult
+from .validate import MAX_TEXT_CHARS, check_encoder, check_keys, check_text, route_rows
 
 __all__ = ["MAX_TEXT_CHARS", "EditMemory"]
 

@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from index._fs import atomic_write_bytes
+from index import atomic_write_bytes
 
-from ._memory_util import check_text, normalize_image_arg
 from ._model_config import Retrieval, TuneMode, config_from_meta
 from ._model_identity import MEMORY_DIR as _MEMORY_DIR
 from ._model_identity import META_FILE as _META_FILE
@@ -47,6 +46,7 @@ from .errors import (
     UnknownEditError,
 )
 from .families import Family, PrefixKV, get_family
+from .validate import check_text, normalize_image_arg
 
 __all__ = ["EditedModel", "EditedModelConfig", "Retrieval"]
 

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from index._sync import RWLock  # the index's writer-preferring lock serves the service too
+from index import RWLock  # the index's writer-preferring lock serves the service too
 
 from .durable import WriterLock
 

@@ -31,15 +31,15 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from index import ScopedIndex
-from index._fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
+from index import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
 from index.errors import ScopedIndexError
 
 from ._memory_state import EditState, EditVectors
-from ._memory_util import check_encoder
 from .config import MemoryConfig
 from .errors import ConfigError, EncoderMismatchError, FormatError, InvalidInputError
 from .scope import ScopeFit, pairwise_sims
 from .types import EditVersion
+from .validate import check_encoder
 
 if TYPE_CHECKING:
     from .memory import EditMemory

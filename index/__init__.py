@@ -19,8 +19,18 @@ from .errors import (
     ThresholdError,
     UnknownIdError,
 )
+from .fs import (
+    NotReplaceableError,
+    atomic_directory,
+    atomic_write_bytes,
+    check_replaceable,
+    fsync_dir,
+    read_regular_file,
+    recover_dir,
+)
 from .persist import FORMAT_VERSION
 from .scoped import ScopedIndex, SearchResult
+from .sync import RWLock
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,10 +41,18 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidIdError",
     "InvalidVectorError",
+    "NotReplaceableError",
+    "RWLock",
     "ScopedIndex",
     "ScopedIndexError",
     "SearchResult",
     "ThresholdError",
     "UnknownIdError",
+    "atomic_directory",
+    "atomic_write_bytes",
+    "check_replaceable",
+    "fsync_dir",
+    "read_regular_file",
+    "recover_dir",
     "scan_error",
 ]

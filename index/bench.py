@@ -173,7 +173,7 @@ def format_table(result: dict[str, Any], header: bool = True) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    from ._fs import atomic_write_bytes
+    from .fs import atomic_write_bytes
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, json.dumps(result, indent=2).encode())

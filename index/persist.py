@@ -9,7 +9,7 @@
 <dir>/structure.faiss     the FAISS structure (faiss.serialize_index), ids = slots
 ```
 
-The directory is written with `index._fs.atomic_directory` (temp dir, fsync, rename), so a crash
+The directory is written with `index.fs.atomic_directory` (temp dir, fsync, rename), so a crash
 leaves the previous save intact. `load` checks every checksum *before* handing bytes to FAISS or
 numpy and cross-checks the arrays against each other and against the structure.
 """
@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from . import backends as _bk
-from ._fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
+from .fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
 from ._table import KeyTable
 from .errors import IndexFormatError, InvalidArgumentError, ScopedIndexError
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import backends as _bk
 from ._prune import ConeCache, live_thresholds, scan_error, scan_max_margins
-from ._sync import RWLock
+from .sync import RWLock
 from ._table import KeyTable
 from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds, as_unit_rows
 from .backends import IndexConfig, IVFStructure, Structure

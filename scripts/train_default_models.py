@@ -55,7 +55,7 @@ from esg_memory.pretrained import (
     PROMPT_TEMPLATE,
     derive_subjects,
 )
-from index._fs import atomic_directory
+from index import atomic_directory
 
 log = logging.getLogger("train_default_models")
 

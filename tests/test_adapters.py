@@ -9,11 +9,11 @@ import torch
 
 from esg_memory.adapters import (
     Adapter,
-    AdapterConfig,
     AdapterRuntime,
     adapter_bytes,
     soft_rank_for,
 )
+from esg_memory.config import AdapterConfig
 from esg_memory.errors import ConfigError, FormatError, TuningError
 from esg_memory.families import ModelSpec, get_family
 from tests._model_fixtures import one_thread, same_state, shape_image, state_snapshot, tiny

@@ -466,7 +466,7 @@ class ClipKeyEncoder(_CachedTowers):
         """
         from safetensors.torch import save_file
 
-        from index._fs import NotReplaceableError, atomic_directory, check_replaceable
+        from index import NotReplaceableError, atomic_directory, check_replaceable
 
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.state_dict().items()}
         pp = {k: list(v) if isinstance(v, tuple) else v for k, v in self._pp_cfg.items()}

@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from index._fs import atomic_write_bytes
+from index import atomic_write_bytes
 
 from ..errors import ConfigError
 
