@@ -100,7 +100,7 @@ def burst_deletes(mem, k: int, give_way: bool) -> dict | None:
     behaviour before, emulated by hiding the waiting writer from it) the call waits for the whole
     settle in progress.
     """
-    from esg_memory._memory_settle import WriterMutex
+    from esg_memory.memory.settle import WriterMutex
 
     real = WriterMutex.contended
     if not give_way:

@@ -119,13 +119,13 @@ def cached_memory_dir(args: argparse.Namespace, base: Any, processor: Any, encod
     if (d / "edited_model.json").is_file():
         # the cache was built for this same model (the name is in the path); rewrite its identity
         # record so a change in how the library fingerprints models does not invalidate it
-        EditedModel.wrap(base, processor, memory=None, encoder=encoder)._save_meta(d)
+        EditedModel.wrap(base, processor, memory=None, encoder=encoder).save_meta(d)
         return d, None
     mem, build_s = build_memory(encoder, pool, n, args.chunk)
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     mem.make_durable(tmp / "memory")
-    EditedModel.wrap(base, processor, memory=mem)._save_meta(tmp)
+    EditedModel.wrap(base, processor, memory=mem).save_meta(tmp)
     mem.close()
     os.replace(tmp, d)
     return d, build_s
@@ -253,8 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from esg_memory.loading import load_base_model, load_encoder
     from esg_memory.model import EditedModel
-    from esg_memory.serve import create_app, running_server
-    from esg_memory.serve_core import ServiceConfig
+    from esg_memory.serve import ServiceConfig, create_app, running_server
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -101,12 +101,10 @@ def med_ms(xs: list[float]) -> float:
 
 
 def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: None) -> dict[str, Any]:
-    from esg_memory.adapters import adapter_bytes
     from esg_memory.augment import augment_image, question_templates
     from esg_memory.encoders import ClipKeyEncoder
-    from esg_memory.families import get_family, reference_configs
     from esg_memory.memory import EditMemory
-    from esg_memory.model import EditedModel
+    from esg_memory.model import EditedModel, adapter_bytes, get_family, reference_configs
     from esg_memory.tiny import build_tiny
 
     rng = np.random.default_rng(args.seed)
@@ -214,7 +212,7 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
         "qwen2_5_vl": "qwen2-vl-7b",
     }[model_type]
     spec7 = fam.spec(reference_configs()[ref])
-    from esg_memory.adapters import soft_rank_for
+    from esg_memory.model import soft_rank_for
 
     r7 = soft_rank_for(spec7, p_len, em.runtime.config)
     res["bytes"] = {

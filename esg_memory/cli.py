@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     sp.set_defaults(func=cmd_bench)
 
-    from .serve_cli import add_serve_arguments, run_from_args
+    from .serve.cli import add_serve_arguments, run_from_args
 
     sp = add_serve_arguments(sub.add_parser("serve", help="HTTP service (needs the [serve] extra)"))
     sp.set_defaults(func=lambda s, a: run_from_args(a))

@@ -10,6 +10,7 @@ a config that could change under a running memory would change its routing silen
 `JournalConfig`        when a durable memory compacts its journal into a new snapshot
 `AdapterConfig`        how prefix adapters are compiled, tuned and stored
 `EditedModelConfig`    wrapper behaviour (saved next to the memory by `EditedModel.save`)
+`ServiceConfig`        the limits and batching of ``esg-memory serve``
 =====================  =========================================================================
 """
 
@@ -19,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, EsgMemoryError, FormatError
 from .types import from_fields
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "EditedModelConfig",
     "JournalConfig",
     "MemoryConfig",
+    "ServiceConfig",
     "SettleMode",
     "StorageDtype",
     "TuneMode",
@@ -55,10 +57,11 @@ StorageDtype = Literal["float16", "bfloat16", "float32"]
 STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 
 
-def check_tune_mode(tune: Any, what: str = "tune") -> str:
-    """``tune`` if it is one of `TUNE_MODES`, else `ConfigError`."""
+def check_tune_mode(tune: Any, what: str = "tune", error: type[EsgMemoryError] = ConfigError) -> str:
+    """``tune`` if it is one of `TUNE_MODES`, else ``error`` (`ConfigError` for a configuration field,
+    `InvalidInputError` for a call argument or a request)."""
     if not isinstance(tune, str) or tune not in TUNE_MODES:
-        raise ConfigError(f"{what} must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
+        raise error(f"{what} must be one of {', '.join(TUNE_MODES)}, not {tune!r}")
     return tune
 
 
@@ -308,3 +311,33 @@ class EditedModelConfig:
         check_tune_mode(self.tune, "tune")
         if self.n_paraphrases < 0 or self.n_augmented_images < 0:
             raise ConfigError("n_paraphrases and n_augmented_images must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits and batching of the service."""
+
+    max_batch_rows: int = 16
+    """At most this many rows (prompts) decoded in one model call."""
+    batch_wait_ms: float = 3.0
+    """How long the first request of a batch waits for others with the same options."""
+    max_queue: int = 256
+    """Queued generate requests beyond this are refused (HTTP 503) instead of growing latency."""
+    max_rows_per_request: int = 16
+    """Prompts one /generate or /route request may carry."""
+    max_new_tokens_limit: int = 256
+    """Upper bound a client may ask for."""
+    max_prompt_chars: int = 4000
+    """Longest prompt accepted."""
+    request_timeout_s: float = 300.0
+    """A generate request waiting longer than this fails with HTTP 504."""
+    read_only: bool = False
+    """Refuse every write (no token needed, nothing persisted)."""
+    compact_bytes: int = 64 * 2**20
+    """Journal size that triggers a background snapshot (compaction); 0 = only at shutdown."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_rows < 1 or self.max_queue < 1 or self.max_rows_per_request < 1:
+            raise ConfigError("max_batch_rows, max_queue and max_rows_per_request must be >= 1")
+        if self.batch_wait_ms < 0 or self.request_timeout_s <= 0 or self.max_new_tokens_limit < 1:
+            raise ConfigError("batch_wait_ms >= 0, request_timeout_s > 0, max_new_tokens_limit >= 1 required")

@@ -14,6 +14,7 @@ __all__ = [
     "EsgMemoryError",
     "FormatError",
     "ImageError",
+    "InternalError",
     "InvalidInputError",
     "LockError",
     "ModelMismatchError",
@@ -77,3 +78,7 @@ class LockError(EsgMemoryError, RuntimeError):
 
 class TuningError(EsgMemoryError, RuntimeError):
     """Adapter tuning could not run (no trainable target, non-finite loss, ...)."""
+
+
+class InternalError(EsgMemoryError, RuntimeError):
+    """The library's own state broke an invariant (`EditMemory.verify`): a bug to report, not bad input."""

@@ -1,7 +1,14 @@
-"""Turning whatever a user calls "an image" into pixels plus a stable content hash.
+"""Turning whatever a user calls "an image" into RGB pixels plus a stable content hash.
 
-Edits store images by the SHA-256 of their encoded bytes, so the same picture given as a
-path, as bytes or as a PIL image is one blob, and keys can be cached by that hash.
+Two hashes, for two duties:
+
+- `load_image` (writes): the picture's *blob id*, the SHA-256 of its encoded bytes (file bytes for
+  a path or bytes; lossless PNG for a PIL image), so the same picture given as a path, as bytes or
+  as a PIL image is one stored blob. Blob ids are part of the on-disk format.
+- `keyed_image` (reads, the encoders' embedding cache): a content key computed without encoding
+  anything: bytes are hashed as they are (the key is then the blob id itself), a PIL image from
+  the size and raw bytes of the RGB pixels an encoder sees. Pixels are decoded only when the
+  cache misses.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "ImageLike",
+    "KeyedImage",
     "LoadedImage",
     "image_from_bytes",
+    "keyed_image",
     "load_image",
 ]
 
@@ -93,46 +102,126 @@ def _resolve(path: Path, allowed_root: str | os.PathLike | None) -> Path:
     return full
 
 
-def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) -> LoadedImage:
-    """Load a path, encoded bytes or a PIL image.
+def _check_pil(image: Image.Image) -> None:
+    # Checked before converting: an RGB copy of a huge image would be allocated first.
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"PIL image: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit"
+        )
 
-    A PIL image is re-encoded as PNG so its hash is a function of its pixels. With
+
+def _read_path(image: str | os.PathLike, allowed_root: str | os.PathLike | None) -> tuple[bytes, str]:
+    """The bytes of an image file (size-limited) and how to name it in errors."""
+    try:
+        path = Path(image)
+    except TypeError as e:  # an os.PathLike whose __fspath__ returns neither str nor bytes
+        raise ImageError(f"not a usable image path ({e})") from None
+    path = _resolve(path, allowed_root)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {str(path)!r}") from None
+    except OSError as e:
+        raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
+    if not path.is_file():
+        raise ImageError(f"not a regular file: {str(path)!r}")
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError(f"{str(path)!r}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)  # a file grown since stat is still refused by size
+    except OSError as e:  # permissions, or the file vanished after stat
+        raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
+    return data, repr(str(path))
+
+
+def _not_an_image(image: object) -> ImageError:
+    return ImageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
+
+
+def load_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) -> LoadedImage:
+    """Load a path, encoded bytes or a PIL image, with the bytes a memory stores it as.
+
+    A PIL image is encoded as PNG (lossless), so its blob id is a function of its pixels; its
+    ``image`` is the RGB conversion the PNG was made from (no decode round trip). With
     ``allowed_root`` a path must resolve (symlinks and ``..`` followed) inside that root.
     """
     if isinstance(image, Image.Image):
-        # Checked before converting: an RGB copy of a huge image would be allocated first.
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ImageError(
-                f"PIL image: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit"
-            )
+        _check_pil(image)
         buf = io.BytesIO()
         try:
-            image.convert("RGB").save(buf, format="PNG")
+            rgb = image.convert("RGB")
+            rgb.save(buf, format="PNG")
         except Exception as e:
             raise ImageError(f"PIL image could not be encoded ({type(e).__name__}: {e})") from None
-        return image_from_bytes(buf.getvalue(), "PIL image")
+        data = buf.getvalue()
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ImageError(f"PIL image: {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+        return LoadedImage(rgb, data, hashlib.sha256(data).hexdigest())
     if isinstance(image, (bytes, bytearray, memoryview)):
         return image_from_bytes(bytes(image), "image bytes")
     if isinstance(image, (str, os.PathLike)):
+        data, what = _read_path(image, allowed_root)
+        return image_from_bytes(data, what)
+    raise _not_an_image(image)
+
+
+class KeyedImage:
+    """An image argument with its content key (see the module docstring); decoded on first `rgb()`.
+
+    One per image per call, never shared between threads.
+    """
+
+    __slots__ = ("_data", "_rgb", "key", "what")
+
+    def __init__(self, key: str, what: str, data: bytes | None = None, rgb: Image.Image | None = None):
+        self.key = key
+        self.what = what
+        self._data = data
+        self._rgb = rgb
+
+    def rgb(self) -> Image.Image:
+        """The RGB pixels (decoded now if the image came as bytes; `ImageError` if they do not decode)."""
+        if self._rgb is None:
+            self._rgb = _decode(self._data or b"", self.what)
+        return self._rgb
+
+
+def pixel_key(rgb: Image.Image) -> str:
+    """The content key of RGB pixels: SHA-256 over their size and raw bytes, nothing encoded."""
+    h = hashlib.sha256(b"RGB %d %d\n" % rgb.size)
+    h.update(rgb.tobytes())
+    return "px:" + h.hexdigest()
+
+
+def keyed_image(image: ImageLike, allowed_root: str | os.PathLike | None = None) -> KeyedImage:
+    """``image`` with its content key, computed without encoding (the embedding cache's hot path).
+
+    Bytes and files are hashed as they are (the key is their blob id) and decoded only if
+    `KeyedImage.rgb` is called. A PIL image is keyed by the RGB pixels an encoder sees, so images
+    that convert to the same RGB pixels (an ``"L"`` image and its RGB copy) share a key, while a
+    palette or mode that changes the colours changes it. Size limits are those of `load_image`.
+    """
+    if isinstance(image, Image.Image):
+        _check_pil(image)
+        if image.width * image.height == 0:
+            raise ImageError(f"PIL image: {image.width}x{image.height} has no pixels")
         try:
-            path = Path(image)
-        except TypeError as e:  # an os.PathLike whose __fspath__ returns neither str nor bytes
-            raise ImageError(f"not a usable image path ({e})") from None
-        path = _resolve(path, allowed_root)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageError(f"image file not found: {str(path)!r}") from None
-        except OSError as e:
-            raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
-        if not path.is_file():
-            raise ImageError(f"not a regular file: {str(path)!r}")
-        if size > MAX_IMAGE_BYTES:
-            raise ImageError(f"{str(path)!r}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_IMAGE_BYTES + 1)  # a file grown since stat is still refused by size
-        except OSError as e:  # permissions, or the file vanished after stat
-            raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
-        return image_from_bytes(data, repr(str(path)))
-    raise ImageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
+            # already-RGB pixels are hashed in place: the common case pays no conversion
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            key = pixel_key(rgb)
+        except Exception as e:  # a lazily opened image whose file is truncated or gone
+            raise ImageError(f"PIL image could not be read ({type(e).__name__}: {e})") from None
+        return KeyedImage(key, "PIL image", rgb=rgb)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data, what = bytes(image), "image bytes"
+    elif isinstance(image, (str, os.PathLike)):
+        data, what = _read_path(image, allowed_root)
+    else:
+        raise _not_an_image(image)
+    # the checks _decode would make first, made here so a refused input is never hashed
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"{what}: {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+    if not data:
+        raise ImageError(f"{what}: empty image data")
+    return KeyedImage(hashlib.sha256(data).hexdigest(), what, data=data)

@@ -8,6 +8,9 @@ takes):
 - ``"tiny-random-llava"``, ``"tiny-random-llava_next"``, ``"tiny-random-qwen2_vl"``,
   ``"tiny-random-qwen2_5_vl"``: seeded random tiny models built from configs (mechanics only);
 - an HF model id or a local directory.
+
+The names live in ``MODEL_SPECS``, one `esg_memory.registry.Registry` like every name table of the
+library; encoder specs are `esg_memory.encoders.create_encoder`'s.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .registry import Registry
 
 __all__ = [
     "DEFAULT_ENCODER",
     "DEFAULT_MODEL",
+    "MODEL_SPECS",
     "list_model_specs",
     "load_base_model",
     "load_encoder",
@@ -34,14 +39,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "tiny-llava"
 DEFAULT_ENCODER = "esg-easyvqa-clip"
 
-_MODELS: dict[str, Callable[[], tuple[Any, Any]]] = {}
+#: Named base models: ``factory() -> (model, processor)`` (the shipped ones are registered below).
+MODEL_SPECS: Registry[Callable[[], tuple[Any, Any]]] = Registry("model spec")
 
 
 def register_model_spec(name: str, factory: Callable[[], tuple[Any, Any]]) -> None:
-    """Make ``name`` loadable by :func:`load_base_model`; ``factory()`` returns ``(model, processor)``."""
+    """Make ``name`` loadable by :func:`load_base_model`; ``factory()`` returns ``(model, processor)``.
+
+    A name registered again is pointed at the new factory (so a user can put their own loader behind
+    a shipped name), as it always has been.
+    """
     if not isinstance(name, str) or not name:
         raise ConfigError("a model spec name must be a non-empty string")
-    _MODELS[name] = factory
+    MODEL_SPECS.register(name, factory, overwrite=True)
 
 
 def _shipped_llava() -> tuple[Any, Any]:
@@ -66,18 +76,19 @@ for _mt in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
 
 
 def list_model_specs() -> list[str]:
-    return sorted(_MODELS)
+    """Every registered model spec name, sorted."""
+    return MODEL_SPECS.names()
 
 
 def load_base_model(spec: str | Path, **hf_kwargs: Any) -> tuple[Any, Any]:
     """``(model, processor)`` for a registered name, a local directory or an HF id (eval mode)."""
     key = str(spec)
-    if key in _MODELS:
-        model, processor = _MODELS[key]()
+    if key in MODEL_SPECS:
+        model, processor = MODEL_SPECS.get(key)()
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from .families import get_family
+        from .model import get_family
 
         try:
             from transformers import AutoConfig

@@ -17,9 +17,11 @@ Names and loaders:
   128 x 3 on 64x64 patch 16 (``"full"`` strategy: 17 image tokens, CLS kept), Llama 128 x 3, 1.45 M
   parameters. :func:`load_easyvqa_llava` returns ``(model, processor)`` in float32, eval mode; the
   config says float32 too, so plain ``from_pretrained(pretrained_path(EASYVQA_LLAVA))`` also upcasts.
+- ``PRETRAINED``: the shipped names (an `esg_memory.registry.Registry`: name -> folder of the assets),
+  read by ``PRETRAINED_NAMES``, :func:`is_pretrained_name`, :func:`list_pretrained`, :func:`pretrained_path`.
 
 Prompt format the LLaVA was trained on (the same as the LLaVA family's plain template in
-:mod:`esg_memory.families`, and what the saved chat template renders)::
+:mod:`esg_memory.model.families`, and what the saved chat template renders)::
 
     "USER: <image>\\n{question} ASSISTANT:"   ->   " {answer}</s>"
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, FormatError
+from .registry import Registry
 
 __all__ = [
     "EASYVQA_CLIP",
@@ -44,6 +47,7 @@ __all__ = [
     "EASYVQA_LLAVA",
     "EASYVQA_POOL",
     "EASYVQA_SHAPES",
+    "PRETRAINED",
     "PRETRAINED_NAMES",
     "PROMPT_TEMPLATE",
     "ClipSpec",
@@ -64,7 +68,13 @@ logger = logging.getLogger(__name__)
 
 EASYVQA_CLIP = "esg-easyvqa-clip"
 EASYVQA_LLAVA = "esg-easyvqa-llava"
-PRETRAINED_NAMES: tuple[str, ...] = (EASYVQA_CLIP, EASYVQA_LLAVA)
+_ASSETS = Path(__file__).resolve().parent / "assets"
+#: The shipped models, each by the folder of ``esg_memory/assets/`` it lives in (one `Registry`, like
+#: every name table of the library).
+PRETRAINED: Registry[str] = Registry("shipped model")
+PRETRAINED.register(EASYVQA_CLIP, EASYVQA_CLIP)
+PRETRAINED.register(EASYVQA_LLAVA, EASYVQA_LLAVA)
+PRETRAINED_NAMES: tuple[str, ...] = tuple(PRETRAINED.names())
 #: The shipped locality pool of the easy-vqa domain (train-split pictures; not a model, so not in
 #: ``PRETRAINED_NAMES``).
 EASYVQA_POOL = "esg-easyvqa-pool"
@@ -76,7 +86,6 @@ PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 EASYVQA_SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
 EASYVQA_COLOURS: tuple[str, ...] = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 
-_ASSETS = Path(__file__).resolve().parent / "assets"
 _INFO_FILE = "esg_pretrained.json"
 _INFO_FORMAT = 1
 _POOL_FILE = "pool.json"
@@ -88,19 +97,19 @@ _WORD = re.compile(r"[a-z]+")
 
 def is_pretrained_name(name: object) -> bool:
     """Whether ``name`` is one of the shipped model names."""
-    return isinstance(name, str) and name in PRETRAINED_NAMES
+    return name in PRETRAINED
 
 
 def list_pretrained() -> list[str]:
     """The shipped model names."""
-    return list(PRETRAINED_NAMES)
+    return PRETRAINED.names()
 
 
 def pretrained_path(name: str) -> Path:
     """The directory holding the shipped model ``name`` (raises :class:`ConfigError` if unknown/missing)."""
     if not is_pretrained_name(name):
         raise ConfigError(f"unknown pretrained model {name!r}; shipped: {', '.join(PRETRAINED_NAMES)}")
-    d = _ASSETS / name
+    d = _ASSETS / PRETRAINED.get(name)
     if not (d / _INFO_FILE).is_file():
         raise ConfigError(
             f"the shipped model {name!r} is missing from {str(d)!r} (a partial install?); "
@@ -282,7 +291,7 @@ def easyvqa_locality_pool() -> list[tuple[Path, str]]:
 
 
 def easyvqa_memory_config(**overrides: Any) -> Any:
-    """The recommended :class:`~esg_memory.types.MemoryConfig` for the easy-vqa default domain.
+    """The recommended :class:`~esg_memory.config.MemoryConfig` for the easy-vqa default domain.
 
     The library default crosses only 4 pool pictures with each edit's question; here every shipped
     pool picture (48: both pictures of all 24 subjects) is used, so each edit sees the same question

@@ -1,7 +1,12 @@
 """Torch-free scoped vector index: edits (stable int64 ids) own unit keys with per-key cosine thresholds.
 
->>> from index import ScopedIndex
+>>> from index import ScopedIndex, as_unit_rows, write_index, read_index
 >>> ix = ScopedIndex(dim=512, backend="auto")
+>>> q = as_unit_rows(queries, ix.dim)      # validated once, then used by every method as it is
+>>> ix.maybe_in_scope(q), ix.search(q, k=8)
+
+Also public: the crash-safe file helpers of `index.fs` (`atomic_directory`, `atomic_write_bytes`,
+...) and the readers-writer lock of `index.sync` (`RWLock`), which `esg_memory` builds on.
 
 See ``index/README.md`` for the API, the semantics of search/match and the on-disk format.
 """
@@ -29,7 +34,9 @@ from .fs import (
     recover_dir,
 )
 from .persist import FORMAT_VERSION
-from .scoped import ScopedIndex, SearchResult
+from .results import SearchResult
+from .rows import UnitRows, as_unit_rows
+from .scoped import ScopedIndex, read_index, write_index
 from .sync import RWLock
 
 __all__ = [
@@ -47,12 +54,16 @@ __all__ = [
     "ScopedIndexError",
     "SearchResult",
     "ThresholdError",
+    "UnitRows",
     "UnknownIdError",
+    "as_unit_rows",
     "atomic_directory",
     "atomic_write_bytes",
     "check_replaceable",
     "fsync_dir",
+    "read_index",
     "read_regular_file",
     "recover_dir",
     "scan_error",
+    "write_index",
 ]

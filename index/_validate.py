@@ -1,4 +1,6 @@
-"""Input coercion for `ScopedIndex`: turn user arrays into checked numpy arrays or raise a typed error.
+"""Input coercion for `ScopedIndex`'s ids, thresholds and ``k``: checked values or a typed error.
+
+Keys and queries have their own module (`index.rows`).
 
 Everything here is pure (never touches index state), so a call can validate all of its
 arguments before it mutates anything.
@@ -11,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DimensionError, InvalidArgumentError, InvalidIdError, InvalidVectorError, ThresholdError
+from .errors import DimensionError, InvalidArgumentError, InvalidIdError, ThresholdError
 
-__all__ = ["as_edit_id", "as_edit_ids", "as_k", "as_thresholds", "as_unit_rows"]
+__all__ = ["as_edit_id", "as_edit_ids", "as_k", "as_thresholds"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -53,38 +55,6 @@ def as_edit_ids(values: Any, name: str = "edit_ids") -> np.ndarray:
     if arr.size and int(arr.min()) < 0:
         raise InvalidIdError(f"{name} must be >= 0 (-1 is reserved for padding), got {int(arr.min())}")
     return arr
-
-
-def as_unit_rows(values: Any, dim: int, name: str = "keys", allow_1d: bool = True) -> np.ndarray:
-    """A C-contiguous float32 (n, dim) array of L2-normalised rows.
-
-    Rejects NaN/inf, zero rows and dtypes that cannot be read as real numbers. A 1-D input of
-    length ``dim`` is read as one row. Normalisation runs in float64 so tiny but non-zero
-    vectors survive (their float32 squared norm would underflow to 0).
-    """
-    try:
-        arr = np.asarray(values)
-    except (TypeError, ValueError) as e:
-        raise InvalidVectorError(f"{name} cannot be read as a numeric array: {e}") from None
-    if arr.dtype.kind not in "biuf":
-        raise InvalidVectorError(f"{name} must be real numbers, got dtype {arr.dtype}")
-    if arr.ndim == 1 and allow_1d:
-        arr = arr.reshape(1, -1)
-    if arr.ndim != 2:
-        raise DimensionError(f"{name} must be 2-D (n, {dim}), got shape {arr.shape}")
-    if arr.shape[1] != dim:
-        raise DimensionError(f"{name} must have {dim} columns, got {arr.shape[1]}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        f32 = arr.astype(np.float32)
-    if not np.isfinite(f32).all():
-        bad = int(np.flatnonzero(~np.isfinite(f32).all(axis=1))[0])
-        raise InvalidVectorError(f"{name} row {bad} has NaN/inf (or a value outside float32 range)")
-    f64 = f32.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", f64, f64))
-    if (norms == 0).any():
-        bad = int(np.flatnonzero(norms == 0)[0])
-        raise InvalidVectorError(f"{name} row {bad} is a zero vector (cosine is undefined)")
-    return np.ascontiguousarray(f64 / norms[:, None], dtype=np.float32)
 
 
 def as_thresholds(values: Any, n: int, name: str = "thresholds") -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Crash-safe file and directory writes shared by `index` and `esg_memory`.
+"""Crash-safe file and directory writes, and hardened reads: public, `index` and `esg_memory` both use them.
 
 A save must never leave a half-written directory where a good one was: we write into a
 sibling temp directory, fsync every file and the directory, then swap it in with renames.

@@ -1,4 +1,8 @@
-"""On-disk format of a `ScopedIndex` (a directory; no pickle anywhere).
+"""On-disk format of a `ScopedIndex` (a directory, no pickle), written from and read into an `IndexState`.
+
+This module knows the files, not the index: `ScopedIndex.save`/`load` (and `index.write_index` /
+`index.read_index`) hand it the index's parts as an `IndexState`, so it never imports
+``scoped`` nor touches an index's private attributes.
 
 ```
 <dir>/index.json          format tag + version, dim, backend, metric, counts, config, structure,
@@ -10,7 +14,7 @@
 ```
 
 The directory is written with `index.fs.atomic_directory` (temp dir, fsync, rename), so a crash
-leaves the previous save intact. `load` checks every checksum *before* handing bytes to FAISS or
+leaves the previous save intact. `read_state` checks every checksum *before* handing bytes to FAISS or
 numpy and cross-checks the arrays against each other and against the structure.
 """
 
@@ -20,21 +24,19 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
 
-from . import backends as _bk
-from .fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
 from ._table import KeyTable
+from .backends import BACKENDS, FlatStructure, HNSWStructure, IndexConfig, IVFStructure, Structure
 from .errors import IndexFormatError, InvalidArgumentError, ScopedIndexError
+from .fs import NotReplaceableError, atomic_directory, check_replaceable, read_regular_file, recover_dir
 
-if TYPE_CHECKING:
-    from .scoped import ScopedIndex
-
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_index", "save_index"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "IndexState", "read_state", "write_state"]
 
 FORMAT = "esg-memory.scoped-index"
 FORMAT_VERSION = 1
@@ -47,9 +49,20 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_index(ix: ScopedIndex, path: str | os.PathLike) -> None:
-    """Serialise ``ix`` (caller holds its read lock) into directory ``path``, atomically."""
-    t, s = ix._table, ix._struct
+@dataclass(frozen=True)
+class IndexState:
+    """Everything a saved index holds: its settings, its key table and the FAISS structure over it."""
+
+    dim: int
+    backend: str
+    config: IndexConfig
+    table: KeyTable
+    structure: Structure
+
+
+def write_state(state: IndexState, path: str | os.PathLike) -> None:
+    """Serialise ``state`` into directory ``path``, atomically (the caller keeps it from changing)."""
+    t, s = state.table, state.structure
     blobs = {
         "keys.npy": _npy_bytes(t.vecs[: t.n]),
         "key_edit_ids.npy": _npy_bytes(t.edit[: t.n]),
@@ -59,12 +72,12 @@ def save_index(ix: ScopedIndex, path: str | os.PathLike) -> None:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "dim": ix.dim,
-        "backend": ix.backend,
+        "dim": state.dim,
+        "backend": state.backend,
         "metric": "cosine",
         "counts": {"edits": t.n_edits, "keys": t.n_alive, "slots": t.n, "removed_slots": t.n_dead},
         "structure": s.describe(),
-        "config": ix.config.to_dict(),
+        "config": state.config.to_dict(),
         "faiss_version": faiss.__version__,
         "files": {name: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
                   for name, b in blobs.items()},
@@ -145,27 +158,27 @@ def _load_npy(path: Path, name: str, data: bytes, dtype: type, ndim: int) -> np.
 
 
 def _load_structure(path: Path, data: bytes, kind: str, dim: int, table: KeyTable,
-                    cfg: _bk.IndexConfig, desc: dict) -> _bk.Structure:
+                    cfg: IndexConfig, desc: dict) -> Structure:
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:
         raise _fail(path, f"structure.faiss is not a FAISS index: {str(e).splitlines()[0]}") from None
     if index.d != dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise _fail(path, "structure.faiss has the wrong dimension or metric")
-    s: _bk.Structure
+    s: Structure
     if kind == "flat" and isinstance(index, faiss.IndexIDMap2):
-        s = _bk.FlatStructure(dim, index)
+        s = FlatStructure(dim, index)
         if not np.array_equal(faiss.vector_to_array(index.id_map), np.arange(index.ntotal)):
             raise _fail(path, "flat structure ids do not match the key table")
     elif kind == "hnsw" and isinstance(index, faiss.IndexHNSWFlat):
-        s = _bk.HNSWStructure(dim, cfg, index)
+        s = HNSWStructure(dim, cfg, index)
     elif kind == "ivf" and isinstance(index, faiss.IndexIVFFlat):
         nprobe, trained_n = desc.get("nprobe"), desc.get("trained_n")
         if not all(isinstance(v, int) and v >= 1 for v in (nprobe, trained_n)):
             raise _fail(path, "ivf structure description lacks nprobe/trained_n")
         if index.direct_map.type != faiss.DirectMap.Hashtable:
             index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        s = _bk.IVFStructure(index, nprobe, trained_n)
+        s = IVFStructure(index, nprobe, trained_n)
     else:
         raise _fail(path, f"structure.faiss holds a {type(index).__name__}, expected a {kind} structure")
     expected = table.n if s.keeps_dead else table.n_alive
@@ -174,18 +187,19 @@ def _load_structure(path: Path, data: bytes, kind: str, dim: int, table: KeyTabl
     return s
 
 
-def load_index(cls: type[ScopedIndex], path: str | os.PathLike) -> ScopedIndex:
+def read_state(path: str | os.PathLike) -> IndexState:
+    """Read and cross-check the directory ``path``; `IndexFormatError` on anything unexpected."""
     path = Path(path)
     recover_dir(path)
     meta = _read_meta(path)
     dim, backend = meta.get("dim"), meta.get("backend")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1 or backend not in _bk.BACKENDS:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1 or backend not in BACKENDS:
         raise _fail(path, "index.json has a bad dim or backend")
     desc = meta.get("structure")
     if not isinstance(desc, dict) or desc.get("kind") not in ("flat", "ivf", "hnsw"):
         raise _fail(path, "index.json has a bad structure description")
     try:
-        cfg = _bk.IndexConfig.from_dict(meta.get("config") or {})
+        cfg = IndexConfig.from_dict(meta.get("config") or {})
     except (ScopedIndexError, TypeError) as e:
         raise _fail(path, f"bad config: {e}") from None
     blobs = _read_files(path, meta)
@@ -206,7 +220,4 @@ def load_index(cls: type[ScopedIndex], path: str | os.PathLike) -> ScopedIndex:
     if counts.get("edits") != table.n_edits or counts.get("keys") != table.n_alive:
         raise _fail(path, "counts in index.json do not match the arrays")
     struct = _load_structure(path, blobs["structure.faiss"], desc["kind"], dim, table, cfg, desc)
-    ix = cls(dim, backend=backend, config=cfg)
-    ix._table, ix._struct = table, struct
-    ix.prepare_rule_out()
-    return ix
+    return IndexState(dim, backend, cfg, table, struct)

@@ -27,69 +27,39 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import backends as _bk
 from ._prune import ConeCache, live_thresholds, scan_error, scan_max_margins
-from .sync import RWLock
 from ._table import KeyTable
-from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds, as_unit_rows
-from .backends import IndexConfig, IVFStructure, Structure
+from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds
+from .backends import BACKENDS, IndexConfig, IVFStructure, Structure, build, faiss_threads, wanted_kind
 from .errors import DimensionError, DuplicateIdError, InvalidArgumentError, UnknownIdError
+from .persist import IndexState, read_state, write_state
+from .results import SearchResult, describe, first_edits, padded
+from .rows import rows_array
+from .sync import RWLock
 
-__all__ = ["ScopedIndex", "SearchResult"]
+__all__ = ["ScopedIndex", "SearchResult", "read_index", "write_index"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    """Per-query, per-edit results; every array is (m, k)."""
-
-    scores: np.ndarray  # float32 cosine of the edit's best-margin key (-inf padding)
-    edit_ids: np.ndarray  # int64, -1 padding
-    in_scope: np.ndarray  # bool: some key of the edit has cos >= its threshold
-    thresholds: np.ndarray  # float32 threshold of that key (+inf padding)
-    key_positions: np.ndarray | None = None
-    """int64 position of that key among the edit's keys in `ScopedIndex.keys_of` order (-1 padding);
-    filled by `ScopedIndex.search`, None from `match_details`."""
-
-    @property
-    def margins(self) -> np.ndarray:
-        """``scores - thresholds`` (the edit's margin; -inf on padding)."""
-        with np.errstate(invalid="ignore"):
-            return np.where(self.edit_ids >= 0, self.scores - self.thresholds, -np.inf).astype(np.float32)
-
-
-def _padded(m: int, k: int, positions: bool = False) -> SearchResult:
-    return SearchResult(
-        scores=np.full((m, k), -np.inf, dtype=np.float32),
-        edit_ids=np.full((m, k), -1, dtype=np.int64),
-        in_scope=np.zeros((m, k), dtype=bool),
-        thresholds=np.full((m, k), np.inf, dtype=np.float32),
-        key_positions=np.full((m, k), -1, dtype=np.int64) if positions else None,
-    )
-
-
-def _first_edits(edits: list[int], k: int) -> list[int]:
-    """The first ``k`` distinct non-negative values, in order of first occurrence."""
-    out = [e for e in dict.fromkeys(edits) if e >= 0]
-    return out[:k]
-
-
 class ScopedIndex:
-    """Vector store of scoped edits. Thread-safe for one writer and many readers."""
+    """Vector store of scoped edits. Thread-safe for one writer and many readers.
+
+    Every method that takes keys or queries accepts anything array-like (checked and normalised
+    as `index.as_unit_rows` does) or an `index.UnitRows`, which is used as it is.
+    """
 
     _WIDE_CAP = 4096  # match scores up to this many low-threshold keys exactly rather than deepen
 
     def __init__(self, dim: int, backend: str = "flat", config: IndexConfig | None = None) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 1:
             raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
-        if backend not in _bk.BACKENDS:
-            raise InvalidArgumentError(f"backend must be one of {_bk.BACKENDS}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if config is not None and not isinstance(config, IndexConfig):
             raise InvalidArgumentError("config must be an IndexConfig")
         self.dim = int(dim)
@@ -97,7 +67,7 @@ class ScopedIndex:
         self.config = config or IndexConfig()
         self._lock = RWLock()
         self._table = KeyTable(self.dim)
-        self._struct: Structure = _bk.build(_bk.wanted_kind(backend, 0, None, self.config), self._table,
+        self._struct: Structure = build(wanted_kind(backend, 0, None, self.config), self._table,
                                             self.config)
         self._cones = ConeCache(self.config)  # rule-out filter for `maybe_in_scope`, built lazily
 
@@ -130,7 +100,9 @@ class ScopedIndex:
         with self._lock.read():
             t, s = self._table, self._struct
             return {"backend": self.backend, "dim": self.dim, "edits": t.n_edits, "keys": t.n_alive,
-                    "slots": t.n, "dead_slots": t.n_dead, "structure": s.describe(), "faiss_ntotal": s.ntotal}
+                    "slots": t.n, "dead_slots": t.n_dead, "structure": s.describe(), "faiss_ntotal": s.ntotal,
+                    # whether maybe_in_scope's cluster filter is built (else it scans every key)
+                    "rule_out_ready": self._cones.current is not None}
 
     def edit_ids(self) -> np.ndarray:
         """Sorted int64 array of the edit ids present."""
@@ -155,7 +127,7 @@ class ScopedIndex:
         ``thresholds`` may be a scalar (same for every row).
         """
         ids = as_edit_ids(edit_ids)
-        vecs = as_unit_rows(keys, self.dim, allow_1d=ids.shape[0] == 1)
+        vecs = rows_array(keys, self.dim, allow_1d=ids.shape[0] == 1)
         if vecs.shape[0] != ids.shape[0]:
             raise DimensionError(f"{ids.shape[0]} edit ids but {vecs.shape[0]} key rows")
         thr = as_thresholds(thresholds, ids.shape[0])
@@ -172,7 +144,7 @@ class ScopedIndex:
     def add_keys(self, edit_id: int, keys: Any, thresholds: Any) -> None:
         """Give an existing edit more keys (each with its own threshold; a scalar applies to all)."""
         e = as_edit_id(edit_id)
-        vecs = as_unit_rows(keys, self.dim)
+        vecs = rows_array(keys, self.dim)
         thr = as_thresholds(thresholds, vecs.shape[0])
         with self._lock.writer_mutex:
             self._require_present([e])
@@ -184,7 +156,7 @@ class ScopedIndex:
     def replace_keys(self, edit_id: int, keys: Any, thresholds: Any) -> None:
         """Atomically swap all keys of an existing edit for new ones (readers see old or new)."""
         e = as_edit_id(edit_id)
-        vecs = as_unit_rows(keys, self.dim)
+        vecs = rows_array(keys, self.dim)
         thr = as_thresholds(thresholds, vecs.shape[0])
         if vecs.shape[0] == 0:
             raise DimensionError("replace_keys needs at least one key (use remove to drop an edit)")
@@ -193,7 +165,7 @@ class ScopedIndex:
             self._require_present([e])
             t, s = self._table, self._struct
             t.reserve(vecs.shape[0])
-            with self._lock.write(), _bk.faiss_threads(self.config, vecs.shape[0]):
+            with self._lock.write(), faiss_threads(self.config, vecs.shape[0]):
                 self._kill(np.array([e], dtype=np.int64))
                 s.add(vecs, np.arange(t.n, t.n + vecs.shape[0], dtype=np.int64))
                 t.append(ids, vecs, thr)
@@ -206,7 +178,7 @@ class ScopedIndex:
             return
         with self._lock.writer_mutex:
             self._require_present(ids.tolist())
-            with self._lock.write(), _bk.faiss_threads(self.config, ids.shape[0]):
+            with self._lock.write(), faiss_threads(self.config, ids.shape[0]):
                 self._kill(ids)
             self._maybe_rebuild()
 
@@ -246,16 +218,29 @@ class ScopedIndex:
         with self._lock.writer_mutex:
             self._maybe_rebuild(force=True)
 
+    def reconfigure(self, config: IndexConfig) -> None:
+        """Use new tuning knobs from now on. The structure is rebuilt now, as `compact` does (a
+        trained IVF keeps its clusters and nprobe until its next retrain), and `maybe_in_scope`'s
+        filter is re-clustered under the new knobs on its next use. A failed rebuild raises and
+        leaves the old structure in use (the new knobs stay)."""
+        if not isinstance(config, IndexConfig):
+            raise InvalidArgumentError("config must be an IndexConfig")
+        with self._lock.writer_mutex:
+            with self._lock.write():
+                # a fresh cache: the old filter was clustered under the old knobs
+                self.config, self._cones = config, ConeCache(config)
+            self._maybe_rebuild(force=True)
+
     # ------------------------------------------------------------------ search
     def search(self, queries: Any, k: int = 8) -> SearchResult:
         """Top-``k`` edits per query (see module doc for the exact semantics)."""
         k = as_k(k)
-        q = as_unit_rows(queries, self.dim, name="queries")
+        q = rows_array(queries, self.dim, name="queries")
         m = q.shape[0]
         with self._lock.read():
             t, s = self._table, self._struct
             if m == 0 or t.n_alive == 0:
-                return _padded(m, k, positions=True)
+                return padded(m, k, positions=True)
             chosen: list[list[int]] = [[] for _ in range(m)]
             kk = min(s.ntotal, k * math.ceil(t.n_alive / t.n_edits) + 8)
             rows = list(range(m))
@@ -266,14 +251,14 @@ class ScopedIndex:
                 edits = np.where(slots >= 0, t.edit[np.maximum(slots, 0)], -1).tolist()
                 deepen = []
                 for r, row, ex in zip(rows, edits, exhausted.tolist(), strict=True):
-                    first = _first_edits(row, k)
+                    first = first_edits(row, k)
                     if ex or len(first) >= k or kk >= s.ntotal:
                         chosen[r] = first
                     else:
                         deepen.append(r)
                 rows = deepen
                 kk = min(s.ntotal, kk * 4)
-            return self._describe(q, chosen, k, t)
+            return describe(q, chosen, k, t)
 
     @property
     def scan_error(self) -> float:
@@ -288,7 +273,7 @@ class ScopedIndex:
         ``-scan_error`` proves no key holds the query (`search` and `match` then report nothing in
         scope); anything else proves nothing. `maybe_in_scope` answers that question for less.
         """
-        q = as_unit_rows(queries, self.dim, name="queries")
+        q = rows_array(queries, self.dim, name="queries")
         m = q.shape[0]
         with self._lock.read():
             t = self._table
@@ -302,21 +287,10 @@ class ScopedIndex:
 
         Exact for every structure. From `IndexConfig.prune_min_keys` live keys on, whole clusters
         of keys are ruled out by a cone bound and only the rest are scored (``index/_prune.py``),
-        so an out-of-scope query costs far less than a scan of every key.
+        so an out-of-scope query costs far less than a scan of every key. The hot path of a
+        routed call: pass a `UnitRows` and nothing is checked again.
         """
-        return self._maybe_in_scope_unit(as_unit_rows(queries, self.dim, name="queries"))
-
-    def prepare_rule_out(self) -> None:
-        """Build `maybe_in_scope`'s cluster filter now rather than in the first call that needs it
-        (~0.2 s at 10k keys; a no-op below `IndexConfig.prune_min_keys`). Loading runs it."""
-        with self._lock.read():
-            self._cones.get(self._table)
-
-    def _maybe_in_scope_unit(self, q: np.ndarray) -> np.ndarray:
-        """`maybe_in_scope` for rows already validated as C-contiguous float32 unit rows of this
-        dimension (EditMemory validates its keys once for the whole routed call)."""
-        if q.dtype != np.float32 or q.ndim != 2 or q.shape[1] != self.dim or not q.flags.c_contiguous:
-            raise InvalidArgumentError("internal: _maybe_in_scope_unit needs validated unit rows")
+        q = rows_array(queries, self.dim, name="queries")
         m = q.shape[0]
         with self._lock.read():
             t = self._table
@@ -328,15 +302,21 @@ class ScopedIndex:
                 return scan_max_margins(q, t.vecs[: t.n], live_thresholds(t), small) >= -self.scan_error
             return f.may_hold(q, small)
 
+    def prepare_rule_out(self) -> None:
+        """Build `maybe_in_scope`'s cluster filter now rather than in the first call that needs it
+        (~0.2 s at 10k keys; a no-op below `IndexConfig.prune_min_keys`). Loading runs it."""
+        with self._lock.read():
+            self._cones.get(self._table)
+
     def match(self, queries: Any) -> np.ndarray:
         """(m,) int64: per query the in-scope edit with the largest margin, -1 if none."""
         return self.match_details(queries).edit_ids[:, 0]
 
     def match_details(self, queries: Any) -> SearchResult:
         """Like `match` but with the winning key's score/threshold, as a k=1 `SearchResult`."""
-        q = as_unit_rows(queries, self.dim, name="queries")
+        q = rows_array(queries, self.dim, name="queries")
         m = q.shape[0]
-        out = _padded(m, 1)
+        out = padded(m, 1)
         with self._lock.read():
             t, s = self._table, self._struct
             if m == 0 or t.n_alive == 0:
@@ -383,18 +363,18 @@ class ScopedIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index to directory ``path`` atomically (see ``index/persist.py``)."""
-        from .persist import save_index
-
-        with self._lock.read():
-            save_index(self, path)
+        """Write the index to directory ``path`` atomically (format: ``index/persist.py``)."""
+        with self._lock.read():  # readers only: the state cannot change while it is written
+            write_state(IndexState(self.dim, self.backend, self.config, self._table, self._struct), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ScopedIndex:
         """Read an index saved by `save`. Raises `IndexFormatError` on anything unexpected."""
-        from .persist import load_index
-
-        return load_index(cls, path)
+        state = read_state(path)
+        ix = cls(state.dim, backend=state.backend, config=state.config)
+        ix._table, ix._struct = state.table, state.structure
+        ix.prepare_rule_out()
+        return ix
 
     # ------------------------------------------------------------------ internals
     def _require_present(self, ids: list[int]) -> None:
@@ -406,7 +386,7 @@ class ScopedIndex:
     def _append(self, ids: np.ndarray, vecs: np.ndarray, thr: np.ndarray) -> None:
         t, s = self._table, self._struct
         t.reserve(ids.shape[0])  # may raise MemoryError: before anything changed
-        with self._lock.write(), _bk.faiss_threads(self.config, ids.shape[0]):
+        with self._lock.write(), faiss_threads(self.config, ids.shape[0]):
             s.add(vecs, np.arange(t.n, t.n + ids.shape[0], dtype=np.int64))
             t.append(ids, vecs, thr)
 
@@ -422,7 +402,7 @@ class ScopedIndex:
         ones, then swapped in under the write lock.
         """
         t, s, cfg = self._table, self._struct, self.config
-        kind = _bk.wanted_kind(self.backend, t.n_alive, s, cfg)
+        kind = wanted_kind(self.backend, t.n_alive, s, cfg)
         too_dead = t.n_dead >= max(cfg.min_dead_to_compact, cfg.max_dead_fraction * t.n)
         retrain = isinstance(s, IVFStructure) and kind == "ivf" and (
             t.n_alive >= cfg.ivf_growth * s.trained_n
@@ -434,7 +414,7 @@ class ScopedIndex:
         try:
             new_t, remap = t.compacted() if t.n_dead else (t, None)
             reuse = s if (isinstance(s, IVFStructure) and kind == "ivf" and not retrain) else None
-            new_s = _bk.build(kind, new_t, cfg, reuse=reuse)
+            new_s = build(kind, new_t, cfg, reuse=reuse)
             cone = self._cones.carried(t, new_t, remap)
         except Exception:
             # The mutation that triggered this is already committed and the old table/structure
@@ -454,7 +434,7 @@ class ScopedIndex:
         self, q: np.ndarray, kk: int, t: KeyTable, s: Structure
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidate slots per row sorted by exact cosine (desc): (slots -1 pad, cos -inf pad, exhausted)."""
-        with _bk.faiss_threads(self.config, q.shape[0]):
+        with faiss_threads(self.config, q.shape[0]):
             _, slots = s.search(q, kk, t.selector() if s.keeps_dead else None)
         valid = slots >= 0
         cand = t.vecs[np.maximum(slots, 0)]
@@ -465,37 +445,14 @@ class ScopedIndex:
         cos = np.take_along_axis(cos, order, axis=1)
         return slots, cos, ~valid.all(axis=1)
 
-    @staticmethod
-    def _describe(q: np.ndarray, chosen: list[list[int]], k: int, t: KeyTable) -> SearchResult:
-        """The (m, k) result for chosen edits using each edit's best-margin key over all its keys.
 
-        Rows are sorted by margin, then score (both descending), then id; within an edit, the
-        best-margin key with the higher cosine is reported.
-        """
-        m = q.shape[0]
-        res = _padded(m, k, positions=True)
-        pair_edit = [e for row in chosen for e in row]
-        if not pair_edit:
-            return res
-        n_pairs = len(pair_edit)
-        per_row = np.fromiter(map(len, chosen), dtype=np.int64, count=m)
-        pair_row = np.repeat(np.arange(m), per_row)
-        parts = [t.slots_of(e) for e in pair_edit]
-        plen = np.fromiter(map(len, parts), dtype=np.int64, count=n_pairs)
-        key_slots = np.concatenate(parts)
-        pair_of_key = np.repeat(np.arange(n_pairs), plen)
-        cos = np.einsum("nd,nd->n", q[pair_row[pair_of_key]], t.vecs[key_slots]).astype(np.float32)
-        thr = t.thr[key_slots]
-        margin = cos - thr
-        begin = np.cumsum(plen) - plen
-        # groups stay contiguous and in pair order; the first of each is its best key
-        best = np.lexsort((-cos, -margin, pair_of_key))[begin]
-        sc, th, mg = cos[best], thr[best], margin[best]
-        ids = np.asarray(pair_edit, dtype=np.int64)
-        order = np.lexsort((ids, -sc, -mg, pair_row))  # rows stay in pair order, sorted within
-        col = np.arange(n_pairs) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        at = (pair_row, col)
-        res.scores[at], res.thresholds[at], res.edit_ids[at] = sc[order], th[order], ids[order]
-        res.key_positions[at] = (best - begin)[order]  # type: ignore[index]
-        res.in_scope[at] = sc[order] >= th[order]
-        return res
+def write_index(index: ScopedIndex, path: str | os.PathLike) -> None:
+    """Write ``index`` to directory ``path`` atomically: the same as ``index.save(path)``."""
+    if not isinstance(index, ScopedIndex):
+        raise InvalidArgumentError(f"write_index needs a ScopedIndex, got {type(index).__name__}")
+    index.save(path)
+
+
+def read_index(path: str | os.PathLike) -> ScopedIndex:
+    """Read an index written by `write_index` or `ScopedIndex.save`: same as ``ScopedIndex.load(path)``."""
+    return ScopedIndex.load(path)

@@ -1,4 +1,4 @@
-"""A small writer-preferring readers-writer lock.
+"""`RWLock`, a small writer-preferring readers-writer lock: public, the index and the service both use it.
 
 Searches hold the read side (FAISS releases the GIL while it searches, so readers really run in
 parallel); mutations hold the write side only for the short moment they change shared state.

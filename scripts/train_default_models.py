@@ -69,7 +69,7 @@ photo taken? How many objects are there? There are two dogs and one bird in the 
 France is Paris. The sky is blue and the grass is green. A person is riding a bicycle in the city.
 Describe the image. What colour is the car? It is a red car next to a white house. Is this a square, a
 star or a circle? The shape in the middle is purple, orange or pink. Thank you, that is correct."""
-# Chat template rendering exactly PROMPT_TEMPLATE (and esg_memory.families' LLaVA plain template).
+# Chat template rendering exactly PROMPT_TEMPLATE (and esg_memory.model.families' LLaVA plain template).
 # Newlines as {{ '\\n' }}: transformers renders with trim_blocks, which eats a literal one after a tag.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "

@@ -13,7 +13,7 @@ input to; the adapter it injected is that edit's current version in some ``S_j``
 routed edit is dropped only if some ``S_j`` no longer holds it; `retrieve`'s answer belongs to the
 routed version; and a generated text equals the serial model's text for the same input and edit.
 
-Deletes are two-phase (`esg_memory._memory_settle`, the default ``settle="background"``): after
+Deletes are two-phase (`esg_memory.memory.settle`, the default ``settle="background"``): after
 delete ``k`` returns, the memory may still be *unsettled*: the deleted edit gone, the others keeping
 the scopes they had. The pending deletes are always a run of consecutive deletes (any other write
 settles first), so the states a reader may also see after delete ``k`` are ``S_j`` less the keys of
@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from _fuzz_fixtures import CFG
+from _memory_fixtures import HashKeyEncoder, shape_image
 
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
 from index import ScopedIndex
-from tests._fuzz_fixtures import CFG
-from tests._memory_fixtures import HashKeyEncoder, shape_image
 
 __all__ = ["ConcurrencyReport", "run_concurrency_check"]
 

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _fuzz_fixtures import DIM, BadCase, index_state, memory_state
+from _memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 
 from esg_memory.errors import EsgMemoryError
 from esg_memory.memory import EditMemory
 from index import ScopedIndex
 from index.errors import ScopedIndexError
-from tests._fuzz_fixtures import DIM, BadCase, index_state, memory_state
-from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 
 __all__ = [
     "IdenticalLoad",

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from _memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 from PIL import Image
 
 from esg_memory.config import MemoryConfig
@@ -31,7 +32,6 @@ from esg_memory.memory import MAX_TEXT_CHARS, EditMemory
 from esg_memory.types import Positive
 from index import ScopedIndex
 from index.errors import ScopedIndexError
-from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 
 __all__ = [
     "CFG",
@@ -129,16 +129,16 @@ def memory_state(mem: EditMemory) -> str:
     if keys:
         probes = np.concatenate([probes, *(k for k, _ in keys)])
     r = mem.route(keys=probes)
-    with mem._lock:
-        internals = {
-            "next_id": mem._next_id,
-            "retired": sorted(mem._retired),
-            "blobs": sorted(mem._blobs),
-            "attachments": sorted(
-                [e, v, k, hashlib.sha256(d).hexdigest()] for (e, v, k), d in mem._attachments.items()
-            ),
-            "index": [mem._index.edit_ids().tolist(), mem._index.n_keys],
-        }
+    snap = mem.snapshot(settle=False)  # one consistent view, taken under the memory's locks
+    internals = {
+        "next_id": snap.next_id,
+        "retired": sorted(snap.retired),
+        "blobs": sorted(snap.blobs),
+        "attachments": sorted(
+            [e, v, k, hashlib.sha256(d).hexdigest()] for (e, v, k), d in snap.attachments.items()
+        ),
+        "index": [snap.index.edit_ids().tolist(), snap.index.n_keys],
+    }
     return _digest(
         {
             "edits": [e.to_dict() for e in mem.list()],

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from tests._fuzz_fixtures import BadCase, _arr, hostile_images, save_targets
-from tests._memory_fixtures import png_bytes, shape_image
+from _fuzz_fixtures import BadCase, _arr, hostile_images, save_targets
+from _memory_fixtures import png_bytes, shape_image
 
 __all__ = ["encoder_cases", "encoder_state", "model_cases"]
 

@@ -79,7 +79,7 @@ def tiny_encoder() -> Any:
 
 
 def bare_generate(model: Any, processor: Any, images: list, prompts: list, **kw: Any) -> Any:
-    from esg_memory.families import get_family
+    from esg_memory.model import get_family
 
     inputs = get_family(model).build_inputs(processor, images, prompts)
     kw.setdefault("do_sample", False)
@@ -88,7 +88,7 @@ def bare_generate(model: Any, processor: Any, images: list, prompts: list, **kw:
 
 
 def bare_answers(model: Any, processor: Any, images: list, prompts: list, max_new_tokens: int = 8) -> list:
-    from esg_memory.families import get_family
+    from esg_memory.model import get_family
 
     inputs, out = bare_generate(model, processor, images, prompts, max_new_tokens=max_new_tokens)
     return get_family(model).decode_answers(processor, out, inputs["input_ids"].shape[1])

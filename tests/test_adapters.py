@@ -6,17 +6,18 @@ import struct
 
 import pytest
 import torch
+from _model_fixtures import one_thread, same_state, shape_image, state_snapshot, tiny
 
-from esg_memory.adapters import (
-    Adapter,
-    AdapterRuntime,
-    adapter_bytes,
-    soft_rank_for,
-)
 from esg_memory.config import AdapterConfig
 from esg_memory.errors import ConfigError, FormatError, TuningError
-from esg_memory.families import ModelSpec, get_family
-from tests._model_fixtures import one_thread, same_state, shape_image, state_snapshot, tiny
+from esg_memory.model import (
+    Adapter,
+    AdapterRuntime,
+    ModelSpec,
+    adapter_bytes,
+    get_family,
+    soft_rank_for,
+)
 
 LLAVA_7B = ModelSpec("llava", num_layers=32, num_kv_heads=32, head_dim=128, hidden_size=4096,
                      vocab_size=32064)
@@ -118,7 +119,7 @@ def test_soft_rank_and_bytes_at_7b_shapes():
 
 
 def test_reference_7b_configs_give_published_shapes():
-    from esg_memory.families import reference_configs
+    from esg_memory.model import reference_configs
 
     cfgs = reference_configs()
     assert get_family("llava").spec(cfgs["llava-1.5-7b"]) == LLAVA_7B

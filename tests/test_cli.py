@@ -122,6 +122,7 @@ def test_errors_are_one_line_with_exit_code(capsys, mem, tmp_path, monkeypatch):
     assert rc == EXIT_REFUSED and "--memory" in err
 
 
+@pytest.mark.slow  # end to end, several seconds; still run in CI
 def test_generate_applies_a_tuned_edit(capsys, mem):
     pics = _pictures()
     q = "what shape is in the image?"

@@ -7,9 +7,8 @@ state within the window of writes it overlapped, and no thread may raise.
 from __future__ import annotations
 
 import pytest
-
-from tests._concurrency_oracle import run_concurrency_check
-from tests._model_fixtures import one_thread, tiny
+from _concurrency_oracle import run_concurrency_check
+from _model_fixtures import one_thread, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from esg_memory.demo import run_demo
 
 
+@pytest.mark.slow  # end to end, several seconds; still run in CI
 def test_demo_story_holds_and_writes_report(tmp_path):
     lines: list[str] = []
     report = run_demo(out_dir=tmp_path, echo=lines.append)

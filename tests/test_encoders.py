@@ -157,6 +157,7 @@ print(e.name, hashlib.sha256(k.round(5).tobytes()).hexdigest())
 """
 
 
+@pytest.mark.slow  # end to end, several seconds; still run in CI
 def test_keys_identical_across_processes_and_import_has_no_side_effects(enc, images):
     img = str(images["red_circle"])
     code = _CHILD.format(repo=str(REPO), img=img)

@@ -26,6 +26,7 @@ def shipped():
     return load_base_model("tiny-llava"), load_encoder("esg-easyvqa-clip")
 
 
+@pytest.mark.slow  # end to end, several seconds; still run in CI
 def test_easyvqa_run_writes_every_file_and_is_deterministic(tmp_path, shipped):
     model, enc = shipped
     # compiled adapters (tune="never") keep this fast; revisions and deletions are forced in

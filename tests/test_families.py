@@ -7,14 +7,7 @@ import types
 
 import pytest
 import torch
-
-from esg_memory.errors import InvalidInputError, UnsupportedModelError
-from esg_memory.families import (
-    get_family,
-    register_family,
-    supported_model_types,
-)
-from tests._model_fixtures import (
+from _model_fixtures import (
     CORE_FAMILIES,
     FAMILIES,
     one_thread,
@@ -23,6 +16,15 @@ from tests._model_fixtures import (
     tiny,
     trim_eos,
 )
+
+from esg_memory.errors import InvalidInputError, UnsupportedModelError
+from esg_memory.model import families
+from esg_memory.model.families import (
+    get_family,
+    register_family,
+    supported_model_types,
+)
+from esg_memory.registry import Registry
 
 STATEMENTS = ("Question: what color is the shape? Answer: purple.\n", "the capital of france is paris .")
 PROMPTS = ("what color is the shape?", "which shape is in the image?", "is there a red shape?")
@@ -57,16 +59,18 @@ def test_registry_and_unsupported():
         register_family(get_family("llava"))
 
 
-def test_register_new_family_is_one_entry():
+def test_register_new_family_is_one_entry(monkeypatch):
+    # a scratch copy of the registry, so the new entry does not outlive this test
+    scratch = Registry(families.FAMILIES.kind, UnsupportedModelError)
+    for name in families.FAMILIES:
+        scratch.register(name, families.FAMILIES.get(name))
+    monkeypatch.setattr(families, "FAMILIES", scratch)
     fam = dataclasses.replace(get_family("llava"), model_type="my_llava_variant")
     register_family(fam)
-    try:
-        assert get_family("my_llava_variant") is fam
-        assert "my_llava_variant" in supported_model_types()
-    finally:
-        from esg_memory import families
-
-        families._REGISTRY.pop("my_llava_variant")
+    assert get_family("my_llava_variant") is fam
+    assert "my_llava_variant" in supported_model_types()
+    register_family(dataclasses.replace(fam, answer_prefix=""), overwrite=True)  # replaced only when asked
+    assert get_family("my_llava_variant").answer_prefix == ""
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -10,18 +10,8 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from PIL import Image
-
-from esg_memory.errors import EsgMemoryError, ImageError, InvalidInputError
-from esg_memory.images import LoadedImage, load_image
-from esg_memory.memory import MAX_TEXT_CHARS, EditMemory
-from index import ScopedIndex
-from index.errors import ScopedIndexError
-from tests._fuzz_files import flip_bytes, loader_cases
-from tests._fuzz_fixtures import (
+from _fuzz_files import flip_bytes, loader_cases
+from _fuzz_fixtures import (
     fuzz_index,
     fuzz_memory,
     image_cases,
@@ -34,7 +24,17 @@ from tests._fuzz_fixtures import (
     save_targets_intact,
     summarize,
 )
-from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image
+from _memory_fixtures import HashKeyEncoder, png_bytes, shape_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from esg_memory.errors import EsgMemoryError, ImageError, InvalidInputError
+from esg_memory.images import LoadedImage, load_image
+from esg_memory.memory import MAX_TEXT_CHARS, EditMemory
+from index import ScopedIndex
+from index.errors import ScopedIndexError
 
 FUZZ = settings(
     max_examples=40,
@@ -295,7 +295,7 @@ def test_pil_image_limits_apply_before_conversion():
 
 
 def test_durable_directories_refuse_damage_or_drop_only_a_torn_last_record(tmp_path):
-    from tests._fuzz_files import durable_cases
+    from _fuzz_files import durable_cases
 
     cases = durable_cases(tmp_path, seed=0, n_flips=12)
     _assert_all_refused([run_case(c, lambda: "") for c in cases])

@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
+from _fuzz_fixtures import CFG, memory_state
+from _memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from esg_memory.errors import EsgMemoryError
 from esg_memory.memory import EditMemory
-from tests._fuzz_fixtures import CFG, memory_state
-from tests._memory_fixtures import HashKeyEncoder, png_bytes, shape_image
 
 WORDS = ["lamp", "fence", "river", "tower", "anchor", "cloud", "stone"]
 ANSWERS = ["glass", "copper", "north", "winter", "seven"]

@@ -8,10 +8,10 @@ import logging
 import faiss
 import numpy as np
 import pytest
+from _index_fixtures import single_faiss_thread, unit
 
-import index.backends as bk
+import index.scoped as scoped
 from index import IndexConfig, ScopedIndex
-from tests._index_fixtures import single_faiss_thread, unit
 
 _ = single_faiss_thread  # autouse fixture
 D = 16
@@ -39,7 +39,7 @@ def test_failed_rebuild_keeps_index_working(monkeypatch, caplog):
     def boom(*a, **k):
         raise MemoryError("no room for k-means")
 
-    monkeypatch.setattr(bk, "build", boom)
+    monkeypatch.setattr(scoped, "build", boom)  # the structure builder every rebuild calls
     with caplog.at_level(logging.WARNING, logger="index.scoped"):
         ix.add(np.arange(50, 150), keys[50:], 0.9)  # crosses the training floor; rebuild fails
     assert "rebuild" in caplog.text

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _index_fixtures import Oracle, check_match, check_search_row, near, single_faiss_thread, unit
 
 from index import IndexConfig, ScopedIndex
-from tests._index_fixtures import Oracle, check_match, check_search_row, near, single_faiss_thread, unit
 
 D = 16
 _ = single_faiss_thread  # autouse fixture

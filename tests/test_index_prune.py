@@ -11,10 +11,10 @@ import threading
 
 import numpy as np
 import pytest
+from _index_fixtures import near, single_faiss_thread, unit
 
-from index import IndexConfig, ScopedIndex
+from index import IndexConfig, ScopedIndex, UnitRows
 from index.errors import DimensionError, InvalidArgumentError, InvalidVectorError
-from tests._index_fixtures import near, single_faiss_thread, unit
 
 _ = single_faiss_thread  # autouse fixture
 
@@ -77,8 +77,10 @@ def test_small_index_scans_and_bad_queries_are_typed_errors():
         ix.maybe_in_scope(np.full((1, D), np.nan))
     with pytest.raises(InvalidVectorError):
         ix.maybe_in_scope(np.zeros(D))
-    with pytest.raises(InvalidArgumentError):
-        ix._maybe_in_scope_unit(np.ones((1, D), np.float64))
+    with pytest.raises(InvalidArgumentError):  # a UnitRows vouches for float32 rows only
+        ix.maybe_in_scope(UnitRows.trusted(np.ones((1, D), np.float64)))
+    with pytest.raises(DimensionError):
+        ix.maybe_in_scope(UnitRows.trusted(np.ones((1, D + 1), np.float32)))
     assert ix.maybe_in_scope(np.zeros((0, D), np.float32)).shape == (0,)
 
 
@@ -162,3 +164,26 @@ def test_loading_builds_the_filter_and_it_stays_exact(tmp_path):
     assert back._cones.current is not None and back._cones.current.table is back._table
     q = _queries(rng, keys)
     np.testing.assert_array_equal(_check_exact(back, q), _check_exact(ix, q))
+
+
+@pytest.mark.parametrize("backend", ["flat", "ivf", "hnsw"])
+def test_reconfigure_switches_the_rule_out_on_and_keeps_every_answer(backend):
+    rng = np.random.default_rng(9)
+    keys = _clustered(rng, 20, 20)
+    ix = ScopedIndex(D, backend=backend, config=IndexConfig(ivf_min_train=100, min_dead_to_compact=10_000))
+    ix.add(np.arange(keys.shape[0]), keys, rng.uniform(0.9, 0.99, keys.shape[0]).astype(np.float32))
+    ix.remove(np.arange(0, 400, 9))
+    q = _queries(rng, keys)
+    before = (ix.maybe_in_scope(q), ix.match(q), ix.scan_margins(q))
+    assert ix._cones.current is None  # 400 keys: below the default prune_min_keys, a plain scan
+    with pytest.raises(InvalidArgumentError):
+        ix.reconfigure({"prune_min_keys": 8})  # type: ignore[arg-type]
+    cfg = IndexConfig(prune_min_keys=8, prune_keys_per_cluster=2, ivf_min_train=100, min_dead_to_compact=16)
+    ix.reconfigure(cfg)
+    assert ix.config == cfg and ix.stats()["dead_slots"] == 0  # rebuilt now, as compact does
+    ix.prepare_rule_out()
+    assert ix._cones.current is not None  # the cluster filter answers now
+    after = (_check_exact(ix, q), ix.match(q), ix.scan_margins(q))
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_allclose(after[2], before[2], atol=ix.scan_error)

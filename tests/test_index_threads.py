@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
+from _index_fixtures import near, single_faiss_thread, unit
 
 from index import IndexConfig, ScopedIndex
-from tests._index_fixtures import near, single_faiss_thread, unit
 
 _ = single_faiss_thread  # autouse fixture
 D = 16
@@ -70,14 +69,13 @@ def test_readers_during_writes(backend):
 
     threads = [threading.Thread(target=writer)]
     threads += [threading.Thread(target=reader, args=(s,)) for s in (2, 3, 4)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "deadlock"
     assert not errors, errors[0]
-    assert checks[0] > 0 and time.monotonic() - t0 < 60
+    assert checks[0] > 0
     assert (ix.match(queries) == np.arange(STABLE)).all()
     if backend in ("ivf", "auto"):
         assert ix.structure == "ivf"  # the writer drove it through training while readers ran

@@ -21,8 +21,9 @@ from safetensors.numpy import load_file
 
 from esg_memory.config import JournalConfig, MemoryConfig
 from esg_memory.errors import ConfigError, FormatError, LockError
-from esg_memory.journal import list_segments, read_journal
 from esg_memory.memory import EditMemory
+from esg_memory.memory.committed import Committed
+from esg_memory.persist.journal import list_segments, read_journal
 
 ENC = HashKeyEncoder(dim=32)
 CFG = MemoryConfig(n_text_positives=1, n_image_positives=1)
@@ -118,8 +119,8 @@ def test_auto_compaction_in_background_and_inline(tmp_path):
         path = tmp_path / f"m{background}"
         mem = new_durable(path, compact_bytes=20_000, background=background)
         stream(mem, n=8, seed=1)
-        mem._durable.wait()
-        assert mem._durable.compactions >= 1 and mem._durable.last_compact_error is None
+        mem.journal.wait()
+        assert mem.journal.compactions >= 1 and mem.journal.last_compact_error is None
         assert fingerprint(EditMemory.load(path, ENC), tmp_path) == fingerprint(mem, tmp_path)
         mem.close()
         assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
@@ -149,10 +150,10 @@ def test_readers_racing_compactions_see_whole_prefixes(tmp_path):
             break
         time.sleep(0.02)  # leave the writer most of the GIL
     t.join()
-    mem._durable.wait()
+    mem.journal.wait()
     # How many compactions overlap (a crossing while one runs is coalesced) depends on the machine's load;
     # 20 records past a 6000-byte budget guarantee at least one.
-    assert mem._durable.compactions >= 1 and seen[-1] == 20
+    assert mem.journal.compactions >= 1 and seen[-1] == 20
     mem.close()
     assert len(EditMemory.load(path, ENC)) == 20
 
@@ -242,7 +243,7 @@ def test_missing_records_between_snapshot_and_journal_are_an_error(tmp_path):
     path = tmp_path / "m"
     mem = new_durable(path, compact_bytes=0)
     mem.add(None, "first question?", "one")
-    mem._durable.writer.rotate()
+    mem.journal.writer.rotate()
     mem.add(None, "second question?", "two")
     mem.close()
     list_segments(path / "journal")[0][1].unlink()
@@ -280,11 +281,11 @@ def test_apply_failure_after_journaling_is_voided(tmp_path, monkeypatch):
     mem = new_durable(path)
     a = mem.add(None, "what is the capital of france?", "paris")
     before = fingerprint(mem, tmp_path)
-    real = EditMemory._apply
-    monkeypatch.setattr(EditMemory, "_apply", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = Committed.install  # where every journaled write is installed
+    monkeypatch.setattr(Committed, "install", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         mem.revise(a, answer="lyon")
-    monkeypatch.setattr(EditMemory, "_apply", real)
+    monkeypatch.setattr(Committed, "install", real)
     assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before  # journaled, then voided
     mem.revise(a, answer="paris, france")
     assert EditMemory.load(path, ENC).get(a).version == 2

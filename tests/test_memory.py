@@ -45,13 +45,14 @@ def fingerprint(mem: EditMemory):
             len(mem.history(e.id)),
             tuple(e.metadata.items()),
         )
+    snap = mem.snapshot(settle=False)
     return (
         out,
-        sorted(mem._blobs),
-        mem._next_id,
-        sorted(mem._retired),
-        sorted(mem._attachments),
-        len(mem._index),
+        sorted(snap.blobs),
+        snap.next_id,
+        sorted(snap.retired),
+        sorted(snap.attachments),
+        len(snap.index),
     )
 
 
@@ -373,11 +374,12 @@ def test_failure_midway_leaves_memory_as_it_was(monkeypatch):
 
         raise InvalidVectorError("simulated")
 
-    monkeypatch.setattr(m._index, "add", boom)
+    live_index = m.snapshot(settle=False).index  # a snapshot shares the live index (read-only by contract)
+    monkeypatch.setattr(live_index, "add", boom)
     with pytest.raises(InvalidInputError, match="simulated"):
         m.add(image=shape_image("blue"), question="What color is the circle?", answer="navy")
     monkeypatch.undo()
-    assert fingerprint(m)[0] == before[0] and len(m._index) == 1
+    assert fingerprint(m)[0] == before[0] and len(m.snapshot(settle=False).index) == 1
     assert m.route(images=[shape_image("red")], texts=["What color is the circle?"]).edit_ids[0] == 0
 
 
@@ -393,7 +395,8 @@ def test_constructor_validation():
     m = EditMemory(
         HashKeyEncoder(), locality_pool=["Who wrote Hamlet?", (shape_image("green"), "What is this?")]
     )
-    assert m._pool.shape == (2, 64) and len(m._pool_images) == 1
+    pool = m.snapshot(settle=False).pool
+    assert pool.keys.shape == (2, 64) and len(pool.images) == 1
 
 
 def test_pool_images_give_same_question_other_image_negatives():
@@ -410,11 +413,11 @@ def test_images_are_stored_once_and_collected_after_delete():
     img = png_bytes(shape_image("red"))
     a = m.add(image=img, question="What color is the circle?", answer="crimson")
     b = m.add(image=img, question="How big is the circle?", answer="huge")
-    assert m.get(a).image == m.get(b).image and len(m._blobs) == 1
+    assert m.get(a).image == m.get(b).image and len(m.snapshot(settle=False).blobs) == 1
     m.delete(a)
-    assert len(m._blobs) == 1
+    assert len(m.snapshot(settle=False).blobs) == 1
     m.delete(b)
-    assert m._blobs == {}
+    assert m.snapshot(settle=False).blobs == {}
 
 
 def test_concurrent_routes_during_writes():

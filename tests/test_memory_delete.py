@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _memory_fixtures import HashKeyEncoder, shape_image
 
-from esg_memory import _memory_state
 from esg_memory.config import MemoryConfig
 from esg_memory.memory import EditMemory
-from tests._memory_fixtures import HashKeyEncoder, shape_image
+from esg_memory.memory.plan import Plan
 
 COLORS = ["red", "blue", "green", "yellow", "purple"]
 SHAPES = ["circle", "rectangle", "triangle"]
@@ -51,7 +51,7 @@ def _same(a: EditMemory, b: EditMemory) -> None:
         assert np.array_equal(ka, kb) and np.array_equal(ta, tb), e.id
         eb = b.get(e.id)
         assert (e.constrained_by, e.scope, e.uncovered) == (eb.constrained_by, eb.scope, eb.uncovered), e.id
-        assert a._edits[e.id].nbrs == b._edits[e.id].nbrs, e.id
+        assert a.snapshot(settle=False).edits[e.id].nbrs == b.snapshot(settle=False).edits[e.id].nbrs, e.id
 
 
 @pytest.mark.parametrize("settle", ["sync", "manual"])  # manual: five deletes pending, settled at once
@@ -67,14 +67,14 @@ def test_deletes_equal_replay_of_survivors(cap, answers, settle, monkeypatch):
     edits = _stream(cap + len(answers), 16, answers)
     m = _build(edits, cfg)
     refits = []
-    real = _memory_state.Plan.refit
-    monkeypatch.setattr(_memory_state.Plan, "refit", lambda self, eid: refits.append(eid) or real(self, eid))
+    real = Plan.refit
+    monkeypatch.setattr(Plan, "refit", lambda self, eid: refits.append(eid) or real(self, eid))
     rng = np.random.default_rng(cap)
     alive = list(edits)
     holders = 0
     for _ in range(5):
         gone = alive.pop(int(rng.integers(len(alive))))
-        holders += sum(gone["edit_id"] in st.nbrs for st in m._edits.values())
+        holders += len(m.holders(gone["edit_id"]))
         m.delete(gone["edit_id"])
     assert holders, "the stream should give deleted edits some holders"
     assert bool(m.pending_refits) == (settle == "manual")
@@ -87,18 +87,20 @@ def test_deletes_equal_replay_of_survivors(cap, answers, settle, monkeypatch):
 
 
 def test_derived_indexes_stay_equal_to_a_rebuild():
-    from esg_memory._memory_state import Derived
+    from esg_memory.memory.state import Derived
 
     cfg = MemoryConfig(n_text_positives=1, n_image_positives=1, max_neighbours=3)
     edits = _stream(3, 12, ["alpha", "beta"])
     m = _build(edits, cfg)
-    m._derived_index()  # tracked from here on, through every kind of write
+    m.holders(edits[0]["edit_id"])  # the indexes are built here and tracked through every kind of write
     m.revise(edits[0]["edit_id"], answer="gamma", image=shape_image("purple", "circle"))
     m.delete(edits[1]["edit_id"])
     m.delete(edits[0]["edit_id"])  # its two images go, unless another edit shares them
     m.add(image=shape_image("red", "circle"), question="What color is it?", answer="beta")
     m.rollback(edits[2]["edit_id"], 1)
-    d, fresh = m._derived_index(), Derived(m._edits, cfg.max_neighbours)
-    assert (d.holders, d.bars, d.blob_refs) == (fresh.holders, fresh.bars, fresh.blob_refs)
+    m.verify()  # holders, bars and image references as tracked equal a rebuild from the states
+    snap = m.snapshot(settle=False)
+    fresh = Derived(snap.edits, cfg.max_neighbours)
+    assert {e: set(m.holders(e)) for e in snap.edits if m.holders(e)} == fresh.holders
     assert fresh.holders and fresh.bars
-    assert set(m._blobs) == set(fresh.blob_refs) | set(m._pool_images)
+    assert set(snap.blobs) == set(fresh.blob_refs) | set(snap.pool.images)

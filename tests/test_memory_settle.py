@@ -1,4 +1,4 @@
-"""Two-phase delete (`esg_memory._memory_settle`): background settling, and crash safety of a delete
+"""Two-phase delete (`esg_memory.memory.settle`): background settling, and crash safety of a delete
 whose holders' re-fit (the settle record) never reached the journal."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 
-from esg_memory._memory_state import Plan
 from esg_memory.config import JournalConfig, MemoryConfig
-from esg_memory.journal import live_records, read_journal
 from esg_memory.memory import EditMemory
+from esg_memory.memory.plan import Plan
+from esg_memory.memory.settle import WriterMutex
+from esg_memory.persist.journal import live_records, read_journal
 
 ENC = HashKeyEncoder(dim=32)
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -53,8 +54,8 @@ def state(m: EditMemory) -> list:
 
 
 def victim_of(m: EditMemory) -> int:
-    holders = m._derived_index().holders  # also lists pending deleted edits: skip them
-    return max((i for i in holders if i in m), key=lambda i: (len(holders[i]), -i))
+    ids = [e.id for e in m.list()]
+    return max(ids, key=lambda i: (len(m.holders(i)), -i))
 
 
 def ops(path: Path) -> list[str]:
@@ -72,7 +73,7 @@ def test_crash_between_delete_and_settle_is_finished_on_load_and_open(tmp_path):
     assert mem.pending_refits[victim]
     # the process dies here: the delete is journaled, its settle record never is
     assert ops(path)[-1] == "delete"
-    mem._durable.lock.release()
+    mem.journal.lock.release()
     never = state(built([e for e in EDITS if e["edit_id"] != victim]))
     assert state(EditMemory.load(path, ENC)) == never  # a reader finishes the re-fit in memory
     assert ops(path)[-1] == "delete"
@@ -81,7 +82,7 @@ def test_crash_between_delete_and_settle_is_finished_on_load_and_open(tmp_path):
         assert state(again) == never
         assert ops(path)[-2:] == ["delete", "settle"]  # the writer journaled the settle at open
     assert state(EditMemory.load(path, ENC)) == never
-    mem._durable.writer.close()
+    mem.journal.writer.close()
 
 
 def test_background_settling_is_journaled_and_exact(tmp_path):
@@ -105,25 +106,23 @@ def test_background_settling_is_journaled_and_exact(tmp_path):
     assert state(EditMemory.load(path, ENC)) == never
 
 
-def test_failed_settle_keeps_the_delete_pending_and_blocks_writes(monkeypatch):
+def test_failed_settle_keeps_the_delete_pending_and_blocks_writes():
     m = built(EDITS, "manual")
     victim = victim_of(m)
     m.delete(victim)
     before = state(m)
-    real = EditMemory._commit
 
-    def failing(self, plan, blobs=(), after=None, op=None):
-        if op is not None and op["op"] == "settle":
+    def failing(op, blobs):  # the journal's disk fills up exactly when the settle is written
+        if op["op"] == "settle":
             raise OSError(28, "No space left on device")
-        return real(self, plan, blobs, after, op)
 
-    monkeypatch.setattr(EditMemory, "_commit", failing)
+    m.set_commit_hook(failing)
     with pytest.raises(OSError):
         m.settle()
     with pytest.raises(OSError):
         m.add(None, "one more?", "yes")
     assert m.pending_refits and state(m) == before and len(m) == len(EDITS) - 1
-    monkeypatch.setattr(EditMemory, "_commit", real)
+    m.set_commit_hook(None)
     m.settle()
     assert state(m) == state(built([e for e in EDITS if e["edit_id"] != victim]))
 
@@ -156,16 +155,29 @@ def test_a_waiting_writer_interrupts_background_settling(monkeypatch):
     m = built(EDITS, "background")
     first = victim_of(m)
     refits: list[int] = []
-    inside = threading.Event()
-    real = Plan.refit
+    inside = threading.Event()  # the settler is inside its first re-fit
+    waiting = threading.Event()  # the test's second delete is asking for the writer lock
+    mutex: list[WriterMutex] = []
+    real, real_enter = Plan.refit, WriterMutex.__enter__
 
-    def slow_refit(self, eid):  # a dense memory's re-fit, so that the second delete lands inside it
+    def enter(self):
+        if threading.current_thread() is threading.main_thread() and inside.is_set():
+            mutex.append(self)
+            waiting.set()
+        return real_enter(self)
+
+    def blocking_refit(self, eid):  # holds the first re-fit until the second delete waits for the lock
         refits.append(eid)
-        inside.set()
-        time.sleep(0.05)
+        if not inside.is_set():
+            inside.set()
+            assert waiting.wait(30), "the second delete never asked for the writer lock"
+            deadline = time.monotonic() + 30
+            while not mutex[0].contended and time.monotonic() < deadline:  # it is now blocked on it
+                time.sleep(0.001)
         return real(self, eid)
 
-    monkeypatch.setattr(Plan, "refit", slow_refit)
+    monkeypatch.setattr(Plan, "refit", blocking_refit)
+    monkeypatch.setattr(WriterMutex, "__enter__", enter)
     m.delete(first)
     assert inside.wait(30), "the settler never started re-fitting"
     second = victim_of(m)
@@ -173,6 +185,7 @@ def test_a_waiting_writer_interrupts_background_settling(monkeypatch):
     assert first in m.pending_refits  # the settle gave way: nothing of it was applied
     assert len(refits) < 2 + len(m.pending_refits[first])
     monkeypatch.setattr(Plan, "refit", real)
+    monkeypatch.setattr(WriterMutex, "__enter__", real_enter)
     m.settle()
     assert not m.pending_refits and m.last_settle_error is None
     assert state(m) == state(built([e for e in EDITS if e["edit_id"] not in (first, second)]))

@@ -13,7 +13,7 @@ from _memory_fixtures import HashKeyEncoder, shape_image
 from esg_memory.config import MemoryConfig
 from esg_memory.errors import ConfigError, EncoderMismatchError, FormatError
 from esg_memory.memory import EditMemory
-from esg_memory.store import FORMAT_VERSION
+from esg_memory.persist import FORMAT_VERSION
 
 CFG = MemoryConfig(n_text_positives=2, n_image_positives=1, n_generic_questions=3)
 Q = "What color is the circle?"

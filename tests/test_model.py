@@ -6,11 +6,7 @@ import types
 
 import pytest
 import torch
-
-from esg_memory.errors import EncoderMismatchError, InvalidInputError, UnsupportedModelError
-from esg_memory.memory import EditMemory
-from esg_memory.model import EditedModel
-from tests._model_fixtures import (
+from _model_fixtures import (
     CORE_FAMILIES,
     bare_answers,
     bare_generate,
@@ -22,6 +18,10 @@ from tests._model_fixtures import (
     tiny_encoder,
     trim_eos,
 )
+
+from esg_memory.errors import EncoderMismatchError, InvalidInputError, UnsupportedModelError
+from esg_memory.memory import EditMemory
+from esg_memory.model import EditedModel
 
 Q_COLOR = "what color is the shape?"
 Q_SHAPE = "which shape is in the image?"
@@ -134,8 +134,10 @@ def test_revise_switches_answer_and_add_through_memory_compiles_lazily(env):
     e = em.memory.add(image=img, question=q, answer="gray")  # no adapter yet
     assert em.memory.attachment(e, "adapter") is None
     em.answer(images=[img], prompts=[q])
-    assert em.memory.attachment(e, "adapter") is not None  # compiled on first use and stored
+    # compiled on first use into this process's cache only: a read never writes to the memory
+    assert em.memory.attachment(e, "adapter") is None and em.adapter(e).kind == "compiled"
     em.tune_edit(e)
+    assert em.memory.attachment(e, "adapter") is not None  # a write: the tuned adapter is stored
     assert em.answer(images=[img], prompts=[q]) == ["gray"]
     v = em.revise_edit(e, answer="white", tune="sync")
     assert v == 2 and em.answer(images=[img], prompts=[q]) == ["white"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _model_fixtures import bare_generate, one_thread, shape_image, tiny, tiny_encoder
 
 from esg_memory.errors import InvalidInputError
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
-from tests._model_fixtures import bare_generate, one_thread, shape_image, tiny, tiny_encoder
 
 Q = "what color is the shape?"
 
@@ -90,7 +90,7 @@ def test_half_precision_model_adapters_follow_dtype():
 
 
 def test_bad_or_foreign_stored_adapters_are_recompiled(caplog):
-    from esg_memory.adapters import Adapter
+    from esg_memory.model import Adapter
 
     model, proc = tiny("llava")
     em = EditedModel.wrap(model, proc, EditMemory(tiny_encoder()))
@@ -108,7 +108,12 @@ def test_bad_or_foreign_stored_adapters_are_recompiled(caplog):
         with torch.no_grad():
             got = em(**inputs, route_images=[img], route_texts=[Q]).logits
         assert torch.equal(got, want)
-        assert Adapter.from_bytes(em.memory.attachment(eid, "adapter")).model == em.runtime.fingerprint
+        # recompiled into this process's cache; the read left the stored bytes as they were
+        assert em.memory.attachment(eid, "adapter") == bad
+        assert em.adapter(eid).model == em.runtime.fingerprint
+    # a writer repairs them: wrapping the memory again (a load that can write) stores a usable one
+    EditedModel.wrap(model, proc, em.memory)
     again = Adapter.from_bytes(em.memory.attachment(eid, "adapter"))
+    assert again.model == em.runtime.fingerprint
     assert torch.equal(again.token_ids, Adapter.from_bytes(good).token_ids) and again.kind == "compiled"
     assert "recompiling" in caplog.text

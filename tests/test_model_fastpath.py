@@ -10,16 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _index_fixtures import near, single_faiss_thread, unit
+from _memory_fixtures import HashKeyEncoder
+from _memory_fixtures import shape_image as mem_shape
+from _model_fixtures import bare_generate, one_thread, shape_image, tiny, tiny_encoder
 
 from esg_memory.config import MemoryConfig
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
 from index import IndexConfig, ScopedIndex
-from index._prune import ConeCache
-from tests._index_fixtures import near, single_faiss_thread, unit
-from tests._memory_fixtures import HashKeyEncoder
-from tests._memory_fixtures import shape_image as mem_shape
-from tests._model_fixtures import bare_generate, one_thread, shape_image, tiny, tiny_encoder
 
 _ = single_faiss_thread  # autouse fixture
 
@@ -94,11 +93,10 @@ def _dense_memory() -> tuple[EditMemory, list, list]:
 def test_route_ids_equals_route_whatever_the_batch(clustered):
     mem, ims, txs = _dense_memory()
     if clustered:  # the rule-out's cluster filter, which real memories use from 2048 keys on
-        ix = mem._index
-        ix.config = IndexConfig(prune_min_keys=8, prune_keys_per_cluster=2)
-        ix._cones = ConeCache(ix.config)
+        ix = mem.snapshot(settle=False).index  # the live index (a snapshot shares it)
+        ix.reconfigure(IndexConfig(prune_min_keys=8, prune_keys_per_cluster=2))
         ix.prepare_rule_out()
-        assert ix._cones.current is not None
+        assert ix.stats()["rule_out_ready"]
     keys = mem.route(images=ims, texts=txs).keys
     ref = mem.route(keys=keys).edit_ids
     assert (ref >= 0).any() and (ref < 0).any(), "the probes mix in-scope and out-of-scope rows"

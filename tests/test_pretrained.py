@@ -44,6 +44,32 @@ def test_names_resolve_to_shipped_directories():
     assert not P.is_pretrained_name(None)
 
 
+def test_name_tables_are_one_registry_mechanism():
+    from esg_memory.encoders import list_encoders
+    from esg_memory.encoders.composite import ENCODERS
+    from esg_memory.loading import MODEL_SPECS, list_model_specs, load_base_model, register_model_spec
+    from esg_memory.registry import Registry
+
+    assert isinstance(P.PRETRAINED, Registry) and P.PRETRAINED.names() == list(P.PRETRAINED_NAMES)
+    assert isinstance(ENCODERS, Registry) and ENCODERS.names() == list_encoders()
+    assert isinstance(MODEL_SPECS, Registry) and MODEL_SPECS.names() == list_model_specs()
+    assert {"tiny-llava", "esg-easyvqa-llava", "tiny-random-llava"} <= set(list_model_specs())
+
+    class Fake:
+        def eval(self):
+            return self
+
+    first, second = Fake(), Fake()
+    register_model_spec("test-registry-fake", lambda: (first, "processor"))
+    assert load_base_model("test-registry-fake") == (first, "processor")
+    # a model spec registered again points at the new factory, as before the shared mechanism
+    register_model_spec("test-registry-fake", lambda: (second, "processor"))
+    assert load_base_model("test-registry-fake")[0] is second
+    for bad in ("", None, 3):
+        with pytest.raises(ConfigError):
+            register_model_spec(bad, lambda: (first, None))
+
+
 @pytest.mark.parametrize("bad", ["nope", "", "ViT-B-32", "../esg-easyvqa-clip"])
 def test_unknown_name_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="unknown pretrained model"):
@@ -140,7 +166,7 @@ def test_llava_loads_offline_in_float32(llava):
 
 
 def test_chat_template_renders_the_training_prompt(llava):
-    from esg_memory.families import get_family
+    from esg_memory.model import get_family
 
     _, processor = llava
     q = "what is the color of the shape?"

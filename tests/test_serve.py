@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,10 @@ from PIL import Image  # noqa: E402
 
 from esg_memory.errors import ConfigError, LockError  # noqa: E402
 from esg_memory.serve import add_serve_arguments, create_app, load_token  # noqa: E402
-from esg_memory.serve_batch import DirectoryLock, MicroBatcher, RWLock  # noqa: E402
-from esg_memory.serve_metrics import Metrics  # noqa: E402
+from esg_memory.serve.batch import MicroBatcher  # noqa: E402
+from esg_memory.serve.directory import DirectoryLock  # noqa: E402
+from esg_memory.serve.metrics import Metrics  # noqa: E402
+from index import RWLock  # noqa: E402
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
@@ -123,9 +126,8 @@ def test_restart_keeps_every_acknowledged_write(serve_base, tmp_path):
 
 
 def test_background_tuning_is_persisted_when_it_finishes(serve_base, tmp_path):
-    from esg_memory.adapters import Adapter
     from esg_memory.config import AdapterConfig, EditedModelConfig
-    from esg_memory.model import EditedModel
+    from esg_memory.model import Adapter, EditedModel
 
     model, processor, encoder = serve_base
     # two steps: the point is the hand-over (tuned adapter swapped in, then persisted), not accuracy
@@ -300,7 +302,8 @@ def test_concurrent_generate_while_adding_and_deleting(serve_base, tmp_path):
     em = wrap(serve_base)
     app = create_app(em, tmp_path / "m", token=TOKEN, max_upload_bytes=1 << 20)
     deleted: dict[int, float] = {}
-    lock = threading.Lock()
+    lock = threading.Condition()  # readers notify after each request they record, and when they stop
+    readers_done = [0]
     errors: list[str] = []
     rows_seen: list[tuple[float, int | None, str | None]] = []
     answers: dict[int, str] = {}
@@ -309,25 +312,38 @@ def test_concurrent_generate_while_adding_and_deleting(serve_base, tmp_path):
 
         def reader(k: int) -> int:
             n = 0
-            with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
-                while not stop.is_set() and n < 40:
-                    t0 = time.monotonic()
-                    r = c.post("/generate", data={"prompt": [Q, f"{Q} ({k})"], "max_new_tokens": "2"},
-                               files={"image": ("x.png", PURPLE, "image/png")})
-                    if r.status_code != 200:
-                        errors.append(r.text)
-                        continue
-                    with lock:
-                        rows_seen.extend((t0, x["edit_id"], x["edit_answer"]) for x in r.json()["results"])
-                    n += 1
+            try:
+                with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+                    while not stop.is_set() and n < 40:
+                        t0 = time.monotonic()
+                        r = c.post("/generate", data={"prompt": [Q, f"{Q} ({k})"], "max_new_tokens": "2"},
+                                   files={"image": ("x.png", PURPLE, "image/png")})
+                        if r.status_code != 200:
+                            errors.append(r.text)
+                            continue
+                        with lock:
+                            rows_seen.extend((t0, x["edit_id"], x["edit_answer"])
+                                             for x in r.json()["results"])
+                            lock.notify_all()
+                        n += 1
+            finally:
+                with lock:
+                    readers_done[0] += 1
+                    lock.notify_all()
             return n
+
+        def served_since(t: float) -> bool:
+            """A request sent after ``t`` came back (or no reader is left to send one)."""
+            return any(t0 > t for t0, _, _ in rows_seen) or readers_done[0] == 4
 
         with ThreadPoolExecutor(4) as pool, httpx.Client(base_url=url, timeout=TIMEOUT) as w:
             futs = [pool.submit(reader, k) for k in range(4)]
             for i in range(6):
                 eid = add(w, PURPLE, Q, f"answer {i}").json()["id"]
                 answers[eid] = f"answer {i}"
-                time.sleep(0.05)
+                acked = time.monotonic()
+                with lock:  # give readers the live edit: wait until a request sent after the ack is served
+                    lock.wait_for(lambda t=acked: served_since(t), timeout=60)
                 assert w.delete(f"/edits/{eid}", headers=AUTH).status_code == 200
                 with lock:
                     deleted[eid] = time.monotonic()
@@ -349,9 +365,11 @@ def test_concurrent_generate_while_adding_and_deleting(serve_base, tmp_path):
 
 def test_micro_batcher_groups_equal_keys_and_isolates_failures():
     gate = threading.Event()
+    entered = threading.Event()
     calls: list[tuple[str, list[int]]] = []
 
     def run(key, payloads):
+        entered.set()
         gate.wait(10)
         calls.append((key, list(payloads)))
         if key == "bad" and len(payloads) > 1:
@@ -363,7 +381,7 @@ def test_micro_batcher_groups_equal_keys_and_isolates_failures():
     b = MicroBatcher(run, max_rows=3, wait_s=0.0)
     try:
         first = b.submit("a", 0)
-        time.sleep(0.05)  # the worker is now blocked inside run() with job 0
+        assert entered.wait(10)  # the worker is now blocked inside run() with job 0
         futs = [b.submit(k, p) for k, p in [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("a", 5)]]
         gate.set()
         assert first.result(10) == 0
@@ -379,14 +397,32 @@ def test_micro_batcher_groups_equal_keys_and_isolates_failures():
         b.close()
 
 
+def _waits_in(thread: threading.Thread, method, timeout: float = 10.0) -> bool:
+    """Bounded poll: True once ``thread`` blocks on the lock inside ``method`` (of `RWLock`), or has ended."""
+    code = method.__wrapped__.__code__  # the generator behind the @contextmanager
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            return True
+        # blocked means: the innermost frame is Condition.wait, and the lock's method called it
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None and frame.f_code is threading.Condition.wait.__code__ \
+                and frame.f_back is not None and frame.f_back.f_code is code:
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def test_rwlock_writer_is_not_starved():
     rw = RWLock()
     order: list[str] = []
     release = threading.Event()
+    written = threading.Event()
 
     def writer() -> None:
         with rw.write():
             order.append("w")
+            written.set()
             release.wait(5)
 
     def reader() -> None:
@@ -396,12 +432,12 @@ def test_rwlock_writer_is_not_starved():
     with rw.read():
         w = threading.Thread(target=writer)
         w.start()
-        time.sleep(0.05)
+        assert _waits_in(w, RWLock.write)  # the writer waits for our read lock
         r = threading.Thread(target=reader)
         r.start()
-        time.sleep(0.05)
+        assert _waits_in(r, RWLock.read)  # the new reader blocks (or, were it let in, is done)
         assert order == []  # the writer waits for us; the new reader queues behind the writer
-    time.sleep(0.05)
+    assert written.wait(5)
     assert order == ["w"]
     release.set()
     w.join(5)
@@ -471,7 +507,8 @@ def test_run_from_args_refuses_before_loading_models(tmp_path, monkeypatch, caps
 
 def test_unjournaled_write_is_refused_and_not_applied(serve_base, tmp_path, monkeypatch):
     """If the journal cannot be written (disk full), the add is refused and not applied: live matches disk."""
-    from esg_memory.serve_core import EditService, GenerateOptions
+    from esg_memory.serve.generation import GenerateOptions
+    from esg_memory.serve.service import EditService
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the memory directory should be")

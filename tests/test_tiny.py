@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _model_fixtures import FAMILIES, one_thread, shape_image, tiny
 
 from esg_memory.errors import ConfigError
-from esg_memory.families import get_family
+from esg_memory.model import get_family
 from esg_memory.tiny import TINY_BUILDERS, build_tiny, build_tiny_tokenizer
-from tests._model_fixtures import FAMILIES, one_thread, shape_image, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

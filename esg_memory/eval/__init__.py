@@ -17,12 +17,10 @@ from .baselines import (
     grace_radii,
     nearest_rule,
 )
+from .cases import EditCase, EvalDataset, Probe
 from .data import (
     DATA_KINDS,
     DatasetError,
-    EditCase,
-    EvalDataset,
-    Probe,
     load_dataset,
     load_mmedit,
     load_pool,

@@ -1,8 +1,8 @@
-"""Edit-benchmark records as the harness sees them, and loaders for the formats people already have.
+"""Loaders for the edit-benchmark formats people already have, and `load_dataset` over every kind.
 
-Every loader turns its file into :class:`EditCase` objects (one edit with its probes) inside an
-:class:`EvalDataset`, validating as it goes: a missing or mistyped field raises
-:class:`DatasetError` naming the file, the record index and the field.
+Every loader turns its file into :class:`EditCase` objects (one edit with its probes, defined in
+:mod:`.cases` and re-exported here) inside an :class:`EvalDataset`, validating as it goes: a missing
+or mistyped field raises :class:`DatasetError` naming the file, the record index and the field.
 
 Images. MMEdit and VLKEB records carry *relative* image paths. With ``image_root`` every path is
 resolved under it and a missing file is an :class:`~esg_memory.errors.ImageError` naming it (checked
@@ -23,13 +23,14 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ImageError, InvalidInputError
+from .cases import EditCase, EvalDataset, ImageRef, Probe
+from .easyvqa import easyvqa_dataset
 
 __all__ = [
     "DATA_KINDS",
@@ -51,9 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: What ``--kind`` accepts.
 DATA_KINDS = ("vqa", "caption", "vlkeb", "counterfact", "zsre", "easyvqa")
-
-#: An image as the harness passes it on: a file path, encoded bytes (text-side placeholders), or None.
-ImageRef = str | bytes | None
 
 _MMEDIT_FIELDS = (
     "src",
@@ -82,74 +80,6 @@ _COCO = re.compile(r"(\d{6,})\.(?:jpg|jpeg|png)$", re.IGNORECASE)
 
 class DatasetError(InvalidInputError):
     """A data file is unreadable, or a record lacks a field or has one of the wrong type."""
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One input the harness scores: ``(image, question)`` with a teacher-forced ``target``.
-
-    For generalization probes (``reliability``, ``t_gen``, ``i_gen``) ``target`` is None: they are
-    scored against the edit's *current* answer, which a revision changes.
-    """
-
-    kind: str
-    image: ImageRef
-    question: str
-    target: str | None = None
-
-
-@dataclass(frozen=True)
-class EditCase:
-    """One edit and every probe of it the data defines."""
-
-    uid: str
-    """``<source>:<record index>``."""
-    source: str
-    image: ImageRef
-    question: str
-    target: str
-    """The new answer the edit asks for (``alt`` / ``target_new``)."""
-    pred: str | None = None
-    """What the unedited model answered, where the data says."""
-    subject: str | None = None
-    rephrase: str | None = None
-    """Rephrased question (T-Gen), same image."""
-    image_rephrase: tuple[ImageRef, ...] = ()
-    """Other pictures of the same subject (I-Gen), with the edit's question."""
-    loc: Probe | None = None
-    """Text-only unrelated question (T-Loc)."""
-    m_loc: Probe | None = None
-    """Unrelated image + question (M-Loc)."""
-    hard: tuple[Probe, ...] = ()
-    """Hard negatives (same picture + another question; same question + another subject's picture):
-    scored like M-Loc, reported separately."""
-    portability: tuple[Probe, ...] = ()
-    revisions: tuple[str, ...] = ()
-    """Other answers a later correction of this edit may set (the protocol picks from them)."""
-
-    def generalization_probes(self) -> list[Probe]:
-        out = [Probe("reliability", self.image, self.question)]
-        if self.rephrase:
-            out.append(Probe("t_gen", self.image, self.rephrase))
-        out += [Probe("i_gen", im, self.question) for im in self.image_rephrase]
-        return out
-
-    def locality_probes(self) -> list[Probe]:
-        return [p for p in (self.loc, self.m_loc) if p is not None] + list(self.hard)
-
-
-@dataclass
-class EvalDataset:
-    """Edit cases plus what the memory may learn from (the locality pool) and how images were found."""
-
-    kind: str
-    cases: list[EditCase]
-    image_mode: str
-    """``"files"`` (real pictures), ``"text-side"`` (subject-id placeholders), ``"none"`` (text data)."""
-    pool: list[tuple[ImageRef, str]] = field(default_factory=list)
-    """Unrelated inputs no edit may answer: the memory's locality pool and the global threshold's
-    calibration set (the same for every method)."""
-    source: str = ""
 
 
 # ----------------------------------------------------------------------------- text-side images
@@ -385,8 +315,6 @@ def load_dataset(
     if kind not in DATA_KINDS:
         raise InvalidInputError(f"unknown data kind {kind!r}; one of {', '.join(DATA_KINDS)}")
     if kind == "easyvqa":
-        from .easyvqa import easyvqa_dataset
-
         if path is not None:
             logger.warning("--kind easyvqa is built in; ignoring the data path %s", path)
         return easyvqa_dataset(limit if limit is not None else 100, seed=seed)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from .data import EditCase, EvalDataset, Probe
+from ..pretrained import EASYVQA_COLOURS, EASYVQA_SHAPES, derive_subjects, easyvqa_locality_pool
+from .cases import EditCase, EvalDataset, Probe
 
 __all__ = ["EASYVQA_MAX_EDITS", "easyvqa_dataset"]
 
@@ -48,8 +49,6 @@ class _Family:
 
 
 def _families() -> list[_Family]:
-    from ..pretrained import EASYVQA_COLOURS, EASYVQA_SHAPES
-
     fams = [
         _Family(
             "colour",
@@ -98,8 +97,6 @@ def _test_split() -> tuple[dict[tuple[str, str], list[str]], list[str]]:
         import easy_vqa
     except ImportError:
         raise ConfigError("the easyvqa kind needs PyPI easy-vqa (pip install 'esg-memory[eval]')") from None
-    from ..pretrained import derive_subjects
-
     qs, ans, ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     by_subject: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -121,8 +118,6 @@ def easyvqa_dataset(n_edits: int, seed: int = 0) -> EvalDataset:
     """``n_edits`` (<= 312) edits on easy-vqa test pictures, in a seeded random order (module docstring)."""
     if not 1 <= int(n_edits) <= EASYVQA_MAX_EDITS:
         raise ConfigError(f"the easyvqa set holds 1..{EASYVQA_MAX_EDITS} edits, not {n_edits}")
-    from ..pretrained import easyvqa_locality_pool
-
     by_subject, questions = _test_split()
     fams = _families()
     rng = np.random.default_rng(seed)

@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import ConfigError
 from .aggregate import aggregate, deletion_audit, interaction_audit, probe_record
 from .baselines import METHODS, KeyViews, baseline_route
-from .data import EvalDataset, load_dataset
+from .cases import EvalDataset
+from .data import load_dataset
 from .protocols import Op, Scorer, plan_stream
 
 __all__ = ["CHECKPOINTS", "EvalConfig", "run_eval"]

@@ -10,13 +10,12 @@ Keys fuse both as the normalised weighted sum of unit vectors. Spec in the harne
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..images import load_image
+from ..images import keyed_image
 
 __all__ = ["TEXT_SIDE_PREFIX", "SubjectTextEncoder"]
 
@@ -63,17 +62,14 @@ class SubjectTextEncoder:
         )
 
     def _image_vec(self, image: Any) -> np.ndarray:
-        from PIL import Image
-
-        data = image if isinstance(image, bytes) else load_image(image).data
-        h = hashlib.sha256(data).hexdigest()
-        v = self._img.get(h)
+        k = keyed_image(image)  # keyed without re-encoding; decoded only the first time
+        v = self._img.get(k.key)
         if v is None:
-            px = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8).tobytes()
+            px = np.asarray(k.rgb(), dtype=np.uint8).tobytes()
             seed = int.from_bytes(hashlib.sha256(px).digest()[:8], "little")
             v = np.random.default_rng(seed).standard_normal(self.dim)
             v = (v / np.linalg.norm(v)).astype(np.float32)
-            self._img[h] = v
+            self._img[k.key] = v
         return v
 
     def encode(self, images: Any, texts: Any) -> np.ndarray:

@@ -1,0 +1,267 @@
+"""`Writer`: the write path of one memory: plan, one `Op` + `Change`, hook and journal, install.
+
+Every write holds the writer lock from planning to installation (writers are serialised; readers
+never wait for planning, only for the short installation under the state lock). A write first
+settles pending deletes, so it plans on the settled state. Planning happens on a copy-on-write
+`Plan`; nothing is visible until `commit` installed the whole `Change`, and if the commit hook or
+the journal refuses, nothing was installed at all. A change journaled but not installed (the
+installation raised) is voided in the journal, so replay never resurrects a write the caller saw
+fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from index import UnitRows
+
+from ..config import MemoryConfig
+from ..errors import InvalidInputError
+from ..types import EditVersion, FeedbackOutcome
+from ..validate import check_text
+from .committed import Committed
+from .encode import EditEncoder
+from .feedback import plan_feedback
+from .inputs import additions, attachment_arg, image_arg, lookup, version_of
+from .ops import AddEdits, Attach, Change, Delete, Feedback, NewVersion, Op, Settle, effects_of
+from .plan import Plan
+from .router import Router
+from .settle import GaveWay, Settler, WriterMutex
+from .state import EditState, EditVectors
+
+__all__ = ["Writer"]
+
+logger = logging.getLogger("esg_memory.memory")
+
+CommitHook = Callable[[dict[str, Any], Mapping[str, bytes]], None]
+
+
+class Writer:
+    """Plans and commits every write of one memory (see the module docstring).
+
+    ``owner`` is the memory the journal's compaction snapshots (`EditMemory.snapshot`).
+    ``log``: the durable journal (`esg_memory.persist.Durable`) or None; ``hook``: the user's commit
+    hook or None; ``origin``: the durable position the state equals, cleared by every write.
+    """
+
+    def __init__(
+        self,
+        state: Committed,
+        lock: threading.RLock,
+        encoding: EditEncoder,
+        router: Router,
+        config: MemoryConfig,
+        owner: Any,
+    ) -> None:
+        self.state = state
+        self.lock = lock
+        self.encoding = encoding
+        self.router = router
+        self.config = config
+        self.owner = owner
+        self.wlock = WriterMutex()  # serialises writers (planning + commit); reentrant
+        self.settler = Settler(self.wlock, self.settle_locked, lambda: bool(state.pending))
+        self.hook: CommitHook | None = None
+        self.log: Any = None
+        self.origin: tuple[str, str, int] | None = None
+
+    # ------------------------------------------------------------------ planning / commit
+    def plan(self, blobs: dict[str, bytes] | None = None) -> Plan:
+        st = self.state
+        return Plan(
+            st.edits,
+            st.pool.keys,
+            self.config,
+            lambda lo, hi, extra: self.encoding.cross(lo, hi, self.blob_lookup(extra)),
+            st.crosses,
+            {} if blobs is None else blobs,
+            st.table.view(),
+            st.derived(),
+        )
+
+    def blob_lookup(self, extra: Mapping[str, bytes]) -> Callable[[str], bytes]:
+        """sha256 -> image bytes: this write's new images first, then the committed store."""
+        stored = self.state.blobs
+        return lambda sha: extra[sha] if sha in extra else stored[sha]
+
+    def encode_version(self, v: EditVersion, blobs: Mapping[str, bytes]) -> EditVectors:
+        return self.encoding.version(v, self.blob_lookup(blobs), self.state.pool)
+
+    def commit(
+        self,
+        op: Op,
+        plan: Plan | None = None,
+        blobs: Mapping[str, bytes] | None = None,
+        attachment: bytes | None = None,
+        *,
+        states: Mapping[int, EditState | None] | None = None,
+    ) -> None:
+        """Journal, then install, one write (caller holds the writer lock); raising abandons it.
+
+        The `Change` is the plan's overlay (or ``states`` for a write planned without one) with the
+        bookkeeping the op implies.
+        """
+        blobs = {} if blobs is None else dict(blobs)
+        fx = effects_of(op, attachment)
+        change = plan.change(fx, blobs) if plan is not None else Change(states=dict(states or {}), effects=fx)
+        if self.log is not None:
+            self.log.check_writable()  # closed or read-only: refuse before the hook sees anything
+        if self.hook is not None:
+            self.hook(op.to_dict(), {op.sha256: attachment} if isinstance(op, Attach) else blobs)
+        self.origin = None  # this state no longer equals the directory it was loaded from
+        lsn = None if self.log is None else self.log.log(op, change, attachment, self.state.blobs)
+        try:
+            with self.lock:
+                self.state.install(change)
+        except BaseException:
+            if lsn is not None:
+                self.log.abort(lsn)  # journaled but not applied: void the record
+            raise
+        if lsn is not None:
+            self.log.after_write(self.owner)
+
+    # ------------------------------------------------------------------ writes
+    def add_many(self, edits: Any) -> list[int]:
+        with self.wlock:
+            self.settle_locked()
+            blobs: dict[str, bytes] = {}
+            now = time.time()
+            new = additions(edits, blobs, self.state, now)
+            plan = self.plan(blobs)
+            affected: set[int] = set()
+            for ne, v in new:
+                st = EditState(
+                    id=ne.edit_id,
+                    created_at=now,
+                    updated_at=now,
+                    metadata=dict(ne.metadata),
+                    versions=(v,),
+                    vec=self.encode_version(v, blobs),
+                    fit=None,
+                )
+                affected |= plan.set_vectors(st, self.state.table.view())
+            plan.refit_all(affected)
+            ids = [ne.edit_id for ne, _ in new]
+            self.commit(AddEdits(time=now, edits=tuple(ne for ne, _ in new)), plan, blobs)
+            logger.info("added edits %s; re-fitted neighbours %s", ids, sorted(affected - set(ids)))
+            return ids
+
+    def new_version(
+        self, eid: Any, make: Callable[[EditState, dict[str, bytes]], tuple[EditVersion, int | None]]
+    ) -> int:
+        """A new current version of ``eid`` made by ``make(state, blobs) -> (version, attachments_from)``."""
+        with self.wlock:
+            self.settle_locked()
+            st = lookup(self.state.edits, eid)
+            blobs: dict[str, bytes] = {}
+            v, attach_from = make(st, blobs)
+            plan = self.plan(blobs)
+            new = replace(
+                st, versions=(*st.versions, v), updated_at=time.time(), vec=self.encode_version(v, blobs)
+            )
+            plan.refit_all(plan.set_vectors(new, self.state.table.view()))
+            self.commit(NewVersion(st.id, v.to_dict(), attach_from), plan, blobs)
+            return v.version
+
+    def delete(self, edit_id: Any) -> None:
+        with self.wlock:
+            st = lookup(self.state.edits, edit_id)
+            if self.config.settle != "sync":
+                # phase one: the edit leaves; its holders are re-fitted when settled
+                holders = self.state.derived().holders.get(st.id)
+                op = Delete(st.id, deferred=True, answer=st.current.answer) if holders else Delete(st.id)
+                self.commit(op, states={st.id: None})
+                logger.info(
+                    "deleted edit %d; holders %s re-fitted when settled", st.id, sorted(holders or ())
+                )
+                if holders and self.config.settle == "background":
+                    self.settler.wake()
+                return
+            self.settle_locked()
+            plan = self.plan()
+            affected = plan.remove(st.id)
+            plan.refit_all(affected)
+            self.commit(Delete(st.id), plan)
+            logger.info("deleted edit %d; re-fitted neighbours %s", st.id, sorted(affected))
+
+    def feedback(self, image: Any, text: Any, expected_edit_id: Any) -> FeedbackOutcome:
+        with self.wlock:
+            self.settle_locked()
+            if expected_edit_id is not None:
+                lookup(self.state.edits, expected_edit_id)
+            blobs: dict[str, bytes] = {}
+            sha = image_arg(image, blobs)
+            txt = None if text is None else check_text(text, "text")
+            if sha is None and txt is None:
+                raise InvalidInputError("feedback needs an image, a text, or both")
+            img = None if sha is None else self.blob_lookup(blobs)(sha)
+            key = UnitRows.trusted(self.encoding.keys([img], [txt]))
+            before, inside = self.router.route(key, want_all=True)
+            routed_before = int(before.edit_ids[0])
+            exp = None if expected_edit_id is None else int(expected_edit_id)
+            now = time.time()
+            plan = self.plan(blobs)
+            actions, affected = plan_feedback(
+                plan,
+                self.state.table.view(),
+                inside[0],
+                exp,
+                sha,
+                txt,
+                now,
+                lambda v: self.encode_version(v, blobs),
+            )
+            if not actions:
+                return FeedbackOutcome(routed_before, routed_before, ["already routed as expected"], [], True)
+            refit = plan.refit_all(affected)
+            self.commit(Feedback(now, sha, txt, exp), plan, blobs)
+            after = int(self.router.route(key)[0].edit_ids[0])
+            resolved = after == (-1 if exp is None else exp)
+            logger.info("feedback: %s; re-fitted %s; resolved=%s", actions, refit, resolved)
+            return FeedbackOutcome(routed_before, after, actions, refit, resolved)
+
+    def attach(self, edit_id: Any, kind: Any, data: Any, version: Any) -> None:
+        with self.wlock:
+            self.settle_locked()
+            st = lookup(self.state.edits, edit_id)
+            data = attachment_arg(kind, data)
+            self.commit(
+                Attach(st.id, kind, version_of(st, version), hashlib.sha256(data).hexdigest()),
+                attachment=data,
+            )
+
+    # ------------------------------------------------------------------ two-phase delete
+    def settle(self) -> None:
+        if not self.state.pending:
+            return
+        with self.wlock:
+            self.settle_locked()
+
+    def settle_locked(self, give_way: bool = False) -> None:
+        """Re-fit the holders of every pending delete (caller holds the writer lock).
+
+        ``give_way`` (the background settler): raise `GaveWay` between two re-fits when another
+        writer waits for the lock; the plan is dropped and the deletions stay pending.
+        """
+        pend = dict(self.state.pending)
+        if not pend:
+            return
+
+        def check() -> None:
+            if give_way and self.wlock.contended:
+                raise GaveWay
+
+        plan = self.plan()
+        affected: set[int] = set()
+        for eid in sorted(pend):
+            check()
+            affected |= plan.release(eid, pend[eid])
+        plan.refit_all(affected, before_each=check)
+        self.commit(Settle(tuple(sorted(pend))), plan)
+        logger.info("settled deletes %s; re-fitted neighbours %s", sorted(pend), sorted(affected))

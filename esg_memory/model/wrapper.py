@@ -1,0 +1,398 @@
+"""``EditedModel``: a frozen multimodal LLM whose answers follow an edit memory, inside each edit's scope.
+
+Per call: each row's (image, question) is routed through the memory; a row in some edit's scope
+gets that edit's prefix adapter (see `esg_memory.model.adapters`) injected for that row only; when no
+row is in scope the call is forwarded *unchanged* to the base model, so out-of-scope outputs are
+bit-identical to the bare model. The base model is never mutated (no hooks, no weight or flag changes).
+
+This module is the facade: construction and loading, the edit writes (each compiles and attaches its
+adapter before it returns), tuning jobs, answers and explanations, saving. The read path of
+``generate`` / ``forward`` is `esg_memory.model.inject.Injector.call`; which adapter a version
+injects is `esg_memory.model.cache.AdapterCache`'s to decide.
+
+>>> em = EditedModel.wrap(model, processor, memory)
+>>> eid = em.add_edit(image, "what color is the shape?", "purple", tune="sync")
+>>> em.answer(images=[image], prompts=["what color is the shape?"])
+['purple']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EditedModelConfig, TuneMode, check_tune_mode
+from ..errors import ConfigError, InvalidInputError, UnknownEditError
+from ..validate import check_text
+from .adapters import ADAPTER_KIND, Adapter
+from .cache import AdapterCache
+from .families import Family, PrefixKV, get_family
+from .identity import (
+    MEMORY_DIR,
+    check_encoder,
+    check_model,
+    config_from_meta,
+    hub_kwargs,
+    open_memory,
+    write_meta,
+)
+from .inject import Injector
+from .runtime import AdapterRuntime
+from .tuning import TuneReport, tuning_examples
+
+__all__ = ["ADAPTER_KIND", "EditedModel", "Retrieval"]
+
+logger = logging.getLogger("esg_memory.model")  # the name it had as a flat module
+
+_OWN = frozenset({"base_model", "family", "memory", "runtime", "processor", "edit_config", "tune_reports"})
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Why one row did or did not get an edit (`EditedModel.retrieve`)."""
+
+    row: int
+    edit_id: int
+    """-1 when no edit is in scope."""
+    version: int
+    score: float
+    threshold: float
+    margin: float
+    answer: str | None
+    """The edit's answer when in scope."""
+    explanation: str
+
+
+class EditedModel:
+    """Wrapper around a frozen HF image-text-to-text model; see the module docstring."""
+
+    def __init__(self, model: Any, processor: Any, memory: Any, config: EditedModelConfig | None = None):
+        self.family: Family = get_family(model)
+        self.base_model = model
+        self.processor = processor
+        self.memory = memory
+        self.edit_config = config or EditedModelConfig()
+        self.runtime = AdapterRuntime(model, processor, self.family, self.edit_config.adapters)
+        # bounded like the K/V cache: the adapters this process injects, stored or compiled here
+        self._adapters = AdapterCache(self.runtime, self.edit_config.adapters.cache_size)
+        self._inject = Injector(model, processor, self.family, self._prefix)
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future] = {}
+        self.tune_reports: dict[int, TuneReport] = {}
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def wrap(cls, model: Any, processor: Any, memory: Any = None, encoder: Any = None,
+             config: EditedModelConfig | None = None, *, durable: bool = False) -> EditedModel:
+        """Wrap a model the caller already holds. ``memory``: an EditMemory, a saved directory, or None.
+
+        ``durable=True`` with a directory opens it with `EditMemory.open`: every edit is journaled
+        and fsynced before the call returns, and the directory is locked until `close`.
+        """
+        get_family(model)  # unsupported models fail before any memory is opened
+        meta, directory = None, None
+        if durable and not isinstance(memory, (str, Path)):
+            raise ConfigError("durable=True needs memory= a directory (or use EditMemory.open yourself)")
+        if isinstance(memory, (str, Path)):
+            check_model(Path(memory), model)  # before any lock is taken or key loaded
+            directory = Path(memory)
+            memory, meta = open_memory(directory, encoder, durable)
+        elif memory is None:
+            if encoder is None:
+                raise ConfigError("pass memory= (an EditMemory or a directory) or encoder= for a new memory")
+            from ..memory import EditMemory
+
+            memory = EditMemory(encoder)
+        check_encoder(memory, encoder)
+        if config is None and meta is not None:
+            config = config_from_meta(meta)
+        em = cls(model, processor, memory, config)
+        if durable and meta is None and directory is not None and \
+                memory.durable_path == (directory / MEMORY_DIR).resolve():
+            em.save_meta(directory)  # a new wrapper directory: reloadable as a whole from now on
+        em._owns_memory = durable
+        em._attach_adapters()
+        return em
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str | Path, memory: Any = None, encoder: Any = None,
+                        config: EditedModelConfig | None = None, processor: Any = None,
+                        durable: bool = False, **hf_kwargs: Any) -> EditedModel:
+        """Load the base with transformers' own ``from_pretrained`` (hub ids or local dirs) and wrap it.
+
+        ``durable``: see `wrap` (a ``memory`` directory opened with `EditMemory.open`)."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        from ..pretrained import is_pretrained_name, pretrained_path
+
+        if is_pretrained_name(model_id_or_path):  # a model shipped inside the package
+            model_id_or_path = pretrained_path(str(model_id_or_path))
+
+        hf_config = AutoConfig.from_pretrained(model_id_or_path, **hub_kwargs(hf_kwargs))
+        get_family(hf_config.model_type)
+        if isinstance(memory, (str, Path)):
+            check_model(Path(memory), hf_config)  # the architecture, before any weights are loaded
+        model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **hf_kwargs)
+        model.eval()
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(model_id_or_path, **hub_kwargs(hf_kwargs))
+        return cls.wrap(model, processor, memory=memory, encoder=encoder, config=config, durable=durable)
+
+    def __getattr__(self, name: str) -> Any:
+        # peft-style passthrough; guard internals so a half-built object never recurses
+        if name.startswith("_") or name in _OWN:
+            raise AttributeError(name)
+        return getattr(self.base_model, name)
+
+    def _attach_adapters(self) -> None:
+        """On loading a memory: an edit whose current version has no stored adapter (or one for another
+        model) gets its compiled one attached, so that reads do not have to write. A memory that cannot
+        be written (opened read-only) is left as it is: its reads compile what they miss into this
+        process's cache."""
+        for edit in self.memory.list() if len(self.memory) else ():
+            try:
+                self._adapters.attach_if_missing(self.memory, edit)
+            except ConfigError as exc:
+                logger.info("memory not writable (%s): adapters are compiled when first used", exc)
+                return
+            except UnknownEditError:
+                continue  # deleted since the listing
+            except InvalidInputError as exc:  # e.g. a statement that tokenises to nothing; fails when read
+                logger.warning("edit %d: no adapter compiled at load (%s)", edit.id, exc)
+
+    # ---- inputs and adapters ---------------------------------------------------------------------
+    def build_inputs(self, images: Sequence[Any] | None, prompts: Sequence[str]) -> dict[str, Any]:
+        """Processor outputs for (image, prompt) rows, left-padded, on the model's device and dtype."""
+        return self._inject.build_inputs(images, prompts)
+
+    def adapter(self, edit_id: int, version: int | None = None) -> Adapter:
+        """The adapter injected for an edit version: the stored one, or compiled now into this process's
+        cache (a read never writes to the memory; the edit writes attach theirs)."""
+        return self._adapters.get(self.memory, edit_id, version)
+
+    def _prefix(self, edit_id: int) -> PrefixKV | None:
+        # what generate/forward inject for a routed edit: exactly `adapter`'s (current version at fetch
+        # time, so a revision since routing is not injected stale), as cached K/V
+        try:
+            return self.runtime.kv(self.adapter(edit_id))
+        except UnknownEditError:
+            logger.info("edit %d vanished between routing and injection", edit_id)
+            return None
+
+    # ---- inference -------------------------------------------------------------------------------
+    def generate(self, images: Any = None, prompts: Any = None, *, route_images: Any = None,
+                 route_texts: Any = None, route_keys: Any = None, **kwargs: Any) -> Any:
+        """``base.generate`` with each in-scope row's edit injected; the bare call when no row is in scope.
+
+        Either ``images=``/``prompts=`` (inputs are built and routed for you) or processor outputs
+        plus ``route_texts=`` (and ``route_images=``) or ``route_keys=`` (keys from a previous route).
+        """
+        return self._inject.call(self.memory, True, images, prompts, route_images, route_texts, route_keys,
+                                 kwargs, getattr(self._local, "disabled", 0) > 0)
+
+    def forward(self, images: Any = None, prompts: Any = None, *, route_images: Any = None,
+                route_texts: Any = None, route_keys: Any = None, **kwargs: Any) -> Any:
+        """``base.forward`` with per-row edits (logits cover the input tokens only, as in the bare call)."""
+        return self._inject.call(self.memory, False, images, prompts, route_images, route_texts, route_keys,
+                                 kwargs, getattr(self._local, "disabled", 0) > 0)
+
+    __call__ = forward
+
+    def answer(
+        self, images: Any = None, prompts: Any = None, max_new_tokens: int = 16, **gen_kwargs: Any
+    ) -> list[str]:
+        """Decoded answers (new tokens only, special tokens dropped) for (image, prompt) rows."""
+        if prompts is None:
+            raise InvalidInputError("answer() needs prompts=")
+        inputs = self.build_inputs(images, prompts)
+        routes = {"route_texts": [prompts] if isinstance(prompts, str) else list(prompts)}
+        if images is not None:
+            routes["route_images"] = list(images) if isinstance(images, (list, tuple)) else [images]
+        gen_kwargs.setdefault("do_sample", False)
+        with torch.no_grad():
+            out = self.generate(**inputs, **routes, max_new_tokens=max_new_tokens, **gen_kwargs)
+        seq = out.sequences if hasattr(out, "sequences") else out
+        return self.family.decode_answers(self.processor, seq, inputs["input_ids"].shape[1])
+
+    def retrieve(self, images: Any = None, prompts: Any = None, *, keys: Any = None) -> list[Retrieval]:
+        """Per row: which edit fired (id, version, score, threshold, margin, answer) or why none did."""
+        if keys is None:
+            if prompts is None and images is None:
+                raise InvalidInputError("retrieve() needs images=, prompts= or keys=")
+            texts = [prompts] if isinstance(prompts, str) else prompts
+            if texts is not None and not isinstance(texts, (list, tuple)):
+                raise InvalidInputError(f"prompts must be a string or a list, not {type(texts).__name__}")
+            imgs = [images] if images is not None and not isinstance(images, (list, tuple)) else images
+            res = self.memory.route(images=imgs, texts=texts)  # which checks the rows
+        else:
+            res = self.memory.route(keys=keys)
+        out = []
+        for i in range(len(res)):
+            eid = int(res.edit_ids[i])
+            ans = self._routed_answer(eid, int(res.versions[i])) if eid >= 0 else None
+            out.append(
+                Retrieval(i, eid, int(res.versions[i]), float(res.scores[i]), float(res.thresholds[i]),
+                          float(res.margins[i]), ans, res.explain(i)))
+        return out
+
+    def _routed_answer(self, edit_id: int, version: int) -> str | None:
+        """The answer of the version routing chose; None when the edit was deleted since (a concurrent
+        writer may delete or revise between routing and this read: neither may raise or mix versions)."""
+        try:
+            edit = self.memory.get(edit_id)
+            if edit.version == version:
+                return edit.answer
+            return next(v.answer for v in self.memory.history(edit_id) if v.version == version)
+        except (UnknownEditError, StopIteration):
+            return None
+
+    @contextlib.contextmanager
+    def disable_edits(self) -> Iterator[EditedModel]:
+        """Within the block (this thread), every call is the bare base model."""
+        self._local.disabled = getattr(self._local, "disabled", 0) + 1
+        try:
+            yield self
+        finally:
+            self._local.disabled -= 1
+
+    # ---- edits -----------------------------------------------------------------------------------
+    def add_edit(self, image: Any, question: str, answer: str, positives: Sequence[Any] | None = None,
+                 tune: TuneMode | None = None, metadata: dict[str, Any] | None = None,
+                 edit_id: int | None = None) -> int:
+        """Add an edit to the memory with its compiled adapter attached (live at the next call, and stored
+        before this returns); optionally tune it."""
+        tune = self._tune_mode(tune)
+        if not isinstance(question, str) or not isinstance(answer, str) or not answer.strip():
+            raise InvalidInputError("question and answer must be non-empty strings")
+        check_text(question, "question"), check_text(answer, "answer")  # before the tokenizer sees them
+        self.runtime.statement_ids(question, answer)  # validate before anything is written
+        eid = int(  # positives and metadata are validated by the memory (None means none)
+            self.memory.add(image=image, question=question, answer=answer, positives=positives,
+                            metadata=metadata, edit_id=edit_id))
+        try:
+            self._adapters.attach(self.memory, eid)
+            if tune == "sync":
+                self.tune_edit(eid)
+        except Exception:
+            self.memory.delete(eid)  # a failed call leaves the memory as it was
+            raise
+        if tune == "background":
+            self.tune_edit(eid, background=True)
+        return eid
+
+    def tune_edit(
+        self, edit_id: int, background: bool = False, kind: str | None = None
+    ) -> TuneReport | Future:
+        """Tune an edit's adapter; swapped in only if the edit's version is unchanged when tuning ends."""
+        edit = self.memory.get(edit_id)
+        if background:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esg-tune")
+                fut = self._executor.submit(self._tune, edit_id, edit.version, kind)
+                self._futures[edit_id] = fut
+            return fut
+        return self._tune(edit_id, edit.version, kind)
+
+    def _tune(self, edit_id: int, version: int, kind: str | None) -> TuneReport:
+        edit = self.memory.get(edit_id)
+        if edit.version != version:
+            raise UnknownEditError(
+                f"edit {edit_id} moved to v{edit.version} before tuning v{version} started"
+            )
+        base = self.adapter(edit_id, version)
+        tuned, report = self.runtime.tune(base, self._examples(edit), edit.answer, kind=kind)
+        with self._lock:
+            current = self.memory.get(edit_id) if edit_id in self.memory else None
+            if current is None or current.version != version:
+                logger.info("edit %d changed during tuning; tuned v%d discarded", edit_id, version)
+            else:
+                if not report.exact:  # still kept: it is the best-margin point, never worse than compiled
+                    logger.warning("edit %d v%d: tuning stopped short of an exact match (margin %.3f)",
+                                   edit_id, version, report.min_margin)
+                self.memory.attach(edit_id, ADAPTER_KIND, tuned.to_bytes(), version=version)
+            self.tune_reports[edit_id] = report
+        return report
+
+    def _examples(self, edit: Any) -> list[tuple[Any, str]]:
+        cfg = self.edit_config
+        return tuning_examples(
+            self.memory, edit, cfg.n_paraphrases, cfg.n_augmented_images, cfg.adapters.max_examples
+        )
+
+    def wait_for_tuning(self, timeout: float | None = None) -> list[TuneReport]:
+        """Block until background tuning jobs finish; re-raises the first job error."""
+        with self._lock:
+            futs = list(self._futures.items())
+        out = [f.result(timeout=timeout) for _, f in futs]
+        with self._lock:
+            for eid, f in futs:
+                if self._futures.get(eid) is f:
+                    del self._futures[eid]
+        return out
+
+    def delete_edit(self, edit_id: int) -> None:
+        """Delete an edit (as ``memory.delete``) and drop its cached adapters and K/V at once."""
+        self.memory.delete(edit_id)
+        self.runtime.forget(edit_id)
+        self._adapters.forget(edit_id)
+
+    def revise_edit(self, edit_id: int, tune: TuneMode | None = None, **changes: Any) -> int:
+        """Revise an edit (``memory.revise`` arguments); compiles and attaches the new version's adapter,
+        optionally tunes it."""
+        tune = self._tune_mode(tune)
+        version = int(self.memory.revise(edit_id, **changes))
+        self._adapters.attach(self.memory, edit_id, version)
+        if tune != "never":
+            self.tune_edit(edit_id, background=tune == "background")
+        return version
+
+    def rollback_edit(self, edit_id: int, version: int) -> int:
+        """Roll an edit back to an old version (``memory.rollback``: a new version equal to it); returns
+        the new version. The old version's adapter comes back with it (tuned, if it was); it is checked
+        now, and compiled and attached if it is missing or unusable."""
+        new = int(self.memory.rollback(edit_id, version))
+        self._adapters.attach(self.memory, edit_id, new)
+        return new
+
+    def _tune_mode(self, tune: Any) -> str:
+        tune = self.edit_config.tune if tune is None else tune
+        check_tune_mode(tune, error=InvalidInputError)  # an argument, not a configuration
+        return tune
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Save the memory (adapters included) and this wrapper's config; reload with ``from_pretrained``."""
+        d = Path(directory)
+        if "\x00" in str(d) or (os.path.lexists(d) and not d.is_dir()):
+            raise InvalidInputError(f"cannot save into {str(d)!r}: not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        self.memory.save(d / MEMORY_DIR)  # its own durable directory: a compaction
+        self.save_meta(d)
+
+    def save_meta(self, directory: str | Path) -> None:
+        """Write ``edited_model.json`` (base model identity and this config) into ``directory``, beside a
+        memory kept in ``directory/memory`` by other means (a durable memory journaling there)."""
+        write_meta(Path(directory), self.family.model_type, self.runtime.fingerprint, self.base_model,
+                   self.edit_config)
+
+
+    def close(self) -> None:
+        """Finish background tuning; a memory this wrapper opened durably is snapshotted and unlocked."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if getattr(self, "_owns_memory", False):  # opened durably by wrap: snapshot, release the lock
+            self.memory.close()
+

@@ -1,0 +1,386 @@
+"""The write-ahead journal of a durable `EditMemory` (see `esg_memory.durable` for the directory).
+
+Every write of a durable memory is appended here and fsynced *before* it is applied to the live
+memory, so a write whose call returned survives any crash. Records are *physical redo* records:
+the result of the write (the new `EditState` of every edit it created or re-fitted, ids deleted,
+new image bytes, attachment bytes), serialised like a snapshot (`store.edit_doc`), so replay
+re-encodes nothing and reproduces the live memory bit for bit.
+
+Segment files ``journal/<first lsn, 20 digits>.wal``::
+
+    header  b"ESGJOURN" | u32 format version | u64 first lsn | u32 crc32(previous 20 bytes)
+    record  b"ESGR" | u64 lsn | u32 payload length | u32 crc32(lsn, length, payload) | payload
+
+A payload is a safetensors blob: the record's JSON in its metadata (``"record"``), arrays and raw
+bytes (images as ``blob.<sha256>`` uint8 tensors, an attachment as ``attachment``) as tensors.
+Images are inline rather than separate content-addressed files: one file and one fsync per
+write instead of three (blob, its directory, the journal), no orphan files after a crash, and a
+record is self-contained; the cost (the journal grows by the image bytes, a few KB to a few hundred
+KB each) is bounded by compaction. Records carry consecutive lsns (log sequence numbers); a
+snapshot records the last lsn it holds, so replay skips what the snapshot already has.
+
+A record that does not check out (short, bad magic, bad checksum) at the *end* of the last
+segment is a torn write of a call that never returned: dropped with a warning. Anything bad
+followed by a good record, or lsns out of sequence, is corruption: `FormatError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from index import fsync_dir, read_regular_file
+
+from ..errors import EsgMemoryError, FormatError
+from ..memory.ops import Attach, Change, Op
+from .snapshot import edit_doc
+
+__all__ = [
+    "JOURNAL_VERSION",
+    "JournalBrokenError",
+    "JournalGapError",
+    "JournalWriter",
+    "decode",
+    "encode_abort",
+    "encode_record",
+    "list_segments",
+    "live_records",
+    "read_journal",
+    "read_segment",
+]
+
+logger = logging.getLogger("esg_memory.journal")
+
+JOURNAL_VERSION = 1
+_HEAD_MAGIC = b"ESGJOURN"
+_HEAD = struct.Struct("<8sIQI")  # magic, version, first lsn, crc
+_REC_MAGIC = b"ESGR"
+_REC = struct.Struct("<4sQII")  # magic, lsn, length, crc
+_MAX_RECORD = 1 << 31
+_SEGMENT = re.compile(r"^(\d{20})\.wal$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class JournalBrokenError(EsgMemoryError, OSError):
+    """The journal could not be written and could not be restored to its last good record.
+
+    Further writes are refused (nothing unjournaled is ever applied); reopen the memory, which
+    replays every complete record.
+    """
+
+
+# ------------------------------------------------------------------------------------ framing
+def _header(first_lsn: int) -> bytes:
+    body = struct.pack("<8sIQ", _HEAD_MAGIC, JOURNAL_VERSION, first_lsn)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _frame(lsn: int, payload: bytes) -> bytes:
+    head = struct.pack("<QI", lsn, len(payload))
+    return _REC_MAGIC + head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def _parse_at(data: bytes, pos: int) -> tuple[int, bytes, int] | None:
+    """(lsn, payload, end) of a record that checks out at ``pos``, else None."""
+    if len(data) - pos < _REC.size or data[pos : pos + 4] != _REC_MAGIC:
+        return None
+    _, lsn, n, crc = _REC.unpack_from(data, pos)
+    end = pos + _REC.size + n
+    if n > _MAX_RECORD or end > len(data):
+        return None
+    payload = data[pos + _REC.size : end]
+    if zlib.crc32(payload, zlib.crc32(data[pos + 4 : pos + 16])) != crc:
+        return None
+    return lsn, payload, end
+
+
+def _valid_after(data: bytes, start: int) -> int | None:
+    """Offset of the first record that checks out at or after ``start`` (error path only)."""
+    pos = data.find(_REC_MAGIC, start)
+    while pos >= 0:
+        if _parse_at(data, pos) is not None:
+            return pos
+        pos = data.find(_REC_MAGIC, pos + 1)
+    return None
+
+
+@dataclass
+class Segment:
+    """One parsed segment file."""
+
+    path: Path
+    first_lsn: int
+    records: list[tuple[int, bytes]]
+    good_end: int  # byte offset after the last good record
+    size: int
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}.wal"
+
+
+def list_segments(jdir: Path) -> list[tuple[int, Path]]:
+    """(first lsn, path) of every segment file, in lsn order; foreign files are ignored."""
+    try:
+        names = os.listdir(jdir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = _SEGMENT.match(name)
+        if m:
+            out.append((int(m.group(1)), jdir / name))
+    return sorted(out)
+
+
+def read_segment(path: Path, last: bool) -> Segment:
+    """Parse one segment; a torn tail is dropped (with a warning) only in the last one."""
+    try:
+        data = read_regular_file(path)  # a segment name could point at a FIFO or /dev/zero
+    except OSError as e:
+        raise FormatError(f"journal {path.name}: unreadable ({e.strerror or e})") from None
+    if len(data) < _HEAD.size:
+        raise FormatError(f"journal {path.name}: truncated header ({len(data)} bytes)")
+    magic, version, first, crc = _HEAD.unpack_from(data, 0)
+    if magic != _HEAD_MAGIC or zlib.crc32(data[:20]) != crc:
+        raise FormatError(f"journal {path.name}: not an esg-memory journal segment (bad header)")
+    if version > JOURNAL_VERSION:
+        raise FormatError(
+            f"journal {path.name}: format version {version} is newer than this library's "
+            f"({JOURNAL_VERSION}); upgrade esg-memory"
+        )
+    if version < 1:
+        raise FormatError(f"journal {path.name}: unknown format version {version}")
+    m = _SEGMENT.match(path.name)
+    if m is None or int(m.group(1)) != first:
+        raise FormatError(f"journal {path.name}: header says first lsn {first}")
+    records: list[tuple[int, bytes]] = []
+    pos, expected = _HEAD.size, first
+    while pos < len(data):
+        got = _parse_at(data, pos)
+        if got is None:
+            later = _valid_after(data, pos + 1)
+            if later is not None:
+                raise FormatError(
+                    f"journal {path.name}: corrupt record at byte {pos} followed by a valid record "
+                    f"at byte {later} (not a torn write)"
+                )
+            if not last:
+                raise FormatError(f"journal {path.name}: bad record at byte {pos} in a non-final segment")
+            logger.warning(
+                "journal %s: dropping a torn last record at byte %d (%d bytes; a write that never returned)",
+                path.name, pos, len(data) - pos,
+            )
+            break
+        lsn, payload, end = got
+        if lsn != expected:
+            raise FormatError(f"journal {path.name}: record lsn {lsn} where {expected} was expected")
+        records.append((lsn, payload))
+        expected += 1
+        pos = end
+    return Segment(path, first, records, pos, len(data))
+
+
+class JournalGapError(FormatError):
+    """The journal does not continue the snapshot (a concurrent compaction, or lost segments)."""
+
+
+def read_journal(jdir: Path, after: int) -> tuple[list[tuple[int, bytes]], list[Segment]]:
+    """Records with lsn > ``after`` (consecutive from ``after + 1``) and the parsed segments."""
+    segs = list_segments(jdir)
+    if not segs:
+        # a durable directory always has a segment from its snapshot's lsn + 1 on (opening and
+        # compaction create it before anything else, even mid-compaction): none means it was lost
+        raise FormatError(f"journal: no segment in {jdir} (records after lsn {after} are missing)")
+    # segments wholly at or below the snapshot are leftovers of a compaction that was cut short
+    start = 0
+    for i, (first, _) in enumerate(segs):
+        if first <= after + 1:
+            start = i
+    parsed = [read_segment(p, last=i == len(segs) - 1) for i, (_, p) in enumerate(segs) if i >= start]
+    out: list[tuple[int, bytes]] = []
+    expected = after + 1
+    for seg in parsed:
+        if seg.first_lsn > expected:
+            raise JournalGapError(
+                f"journal: segment {seg.path.name} starts at lsn {seg.first_lsn}, but the snapshot ends "
+                f"at {after} and records {expected}..{seg.first_lsn - 1} are missing"
+            )
+        for lsn, payload in seg.records:
+            if lsn < expected:
+                continue
+            if lsn != expected:
+                raise JournalGapError(f"journal: lsn {lsn} where {expected} was expected")
+            out.append((lsn, payload))
+            expected += 1
+    return out, parsed
+
+
+# ------------------------------------------------------------------------------------ writer
+class JournalWriter:
+    """Appends records to the last segment; every append is fsynced before it returns.
+
+    Not thread-safe on its own: the memory calls it under its writer lock.
+    """
+
+    def __init__(self, jdir: Path, segment: Segment | None, next_lsn: int) -> None:
+        self.dir = jdir
+        self.next_lsn = next_lsn
+        self.broken: str | None = None
+        self.fsync_seconds = 0.0
+        self.appends = 0
+        self._fd = -1
+        self.bytes_since_rotate = 0
+        if segment is None:
+            self.rotate()
+        else:
+            self._open(segment.path, segment.good_end, segment.size)
+
+    def _open(self, path: Path, good_end: int, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        if size != good_end:  # drop a torn tail before appending after it
+            os.ftruncate(fd, good_end)
+            os.fsync(fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self.path, self._offset = fd, path, good_end
+        self.bytes_since_rotate = good_end - _HEAD.size
+
+    def rotate(self) -> Path:
+        """Start a new segment at ``next_lsn`` (atomically: temp file, fsync, rename, fsync dir)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / segment_name(self.next_lsn)
+        tmp = self.dir / f".{path.name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(_header(self.next_lsn))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.dir)
+        self._open(path, _HEAD.size, _HEAD.size)
+        return path
+
+    def append(self, payload: bytes) -> int:
+        """Write one record and fsync it; returns its lsn. On failure nothing is left half-written."""
+        if self.broken is not None:
+            raise JournalBrokenError(f"the journal is unusable ({self.broken}); reopen the memory")
+        lsn = self.next_lsn
+        rec = _frame(lsn, payload)
+        t0 = time.perf_counter()
+        try:
+            view = memoryview(rec)
+            done = 0
+            while done < len(rec):
+                done += os.pwrite(self._fd, view[done:], self._offset + done)
+            os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(self._fd, self._offset)
+                os.fsync(self._fd)
+            except OSError as e2:
+                self.broken = f"{type(exc).__name__}: {exc}; then truncating failed: {e2}"
+            raise
+        self.fsync_seconds += time.perf_counter() - t0
+        self.appends += 1
+        self._offset += len(rec)
+        self.bytes_since_rotate += len(rec)
+        self.next_lsn = lsn + 1
+        return lsn
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# ------------------------------------------------------------------------------------ records
+def _payload(doc: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
+    return st_save(tensors, metadata={"record": json.dumps(doc, allow_nan=False, separators=(",", ":"))})
+
+
+def _blob_tensors(blobs: Mapping[str, bytes], tensors: dict[str, np.ndarray]) -> list[str]:
+    for sha, data in blobs.items():
+        tensors[f"blob.{sha}"] = np.frombuffer(bytes(data), dtype=np.uint8)
+    return sorted(blobs)
+
+
+def encode_record(op: Op, change: Change, attachment: bytes | None, new_blobs: Mapping[str, bytes]) -> bytes:
+    """The redo record of one write: its logical ``op`` plus every state it installs.
+
+    An `Attach` is an ``attach`` record carrying the bytes; anything else a ``commit`` record with the
+    states (vectors only for the edits whose vectors changed), deleted ids and ``new_blobs`` (the
+    images the memory did not hold yet).
+    """
+    if isinstance(op, Attach):
+        tensors = {"attachment": np.frombuffer(bytes(attachment or b""), dtype=np.uint8)}
+        return _payload({"kind": "attach", "op": op.to_dict()}, tensors)
+    tensors: dict[str, np.ndarray] = {}
+    over = change.states
+    states = [
+        edit_doc(st, tensors, vectors=eid in change.changed_vec)
+        for eid in sorted(over)
+        if (st := over[eid]) is not None
+    ]
+    doc = {
+        "kind": "commit",
+        "op": op.to_dict(),
+        "states": states,
+        "deleted": change.deleted,
+        "blobs": _blob_tensors(new_blobs, tensors),
+    }
+    return _payload(doc, tensors)
+
+
+def encode_abort(lsn: int) -> bytes:
+    """Voids record ``lsn``: written when applying a journaled write failed (the caller saw an error)."""
+    return _payload({"kind": "abort", "lsn": int(lsn)}, {})
+
+
+def decode(lsn: int, payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        tensors = st_load(payload)
+        meta = _metadata(payload)
+        doc = json.loads(meta["record"])
+    except (SafetensorError, KeyError, ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"journal record {lsn}: undecodable ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or doc.get("kind") not in ("commit", "attach", "abort"):
+        raise FormatError(f"journal record {lsn}: unknown kind")
+    return doc, tensors
+
+
+def _metadata(payload: bytes) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` (safetensors.numpy.load drops it)."""
+    (n,) = struct.unpack_from("<Q", payload, 0)
+    header = json.loads(payload[8 : 8 + n].decode("utf-8"))
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        raise KeyError("__metadata__")
+    return meta
+
+
+def live_records(records: list[tuple[int, bytes]]) -> list[tuple[int, dict, dict]]:
+    """Decoded records minus aborted ones (an abort voids the record just before it)."""
+    out: list[tuple[int, dict, dict]] = []
+    for lsn, payload in records:
+        doc, tensors = decode(lsn, payload)
+        if doc["kind"] == "abort":
+            if not out or out[-1][0] != doc.get("lsn"):
+                raise FormatError(f"journal record {lsn}: abort of lsn {doc.get('lsn')}, not the last record")
+            out.pop()
+            continue
+        out.append((lsn, doc, tensors))
+    return out

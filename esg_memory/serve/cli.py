@@ -1,0 +1,99 @@
+"""Command line of ``esg-memory serve`` / ``python -m esg_memory.serve``: options, opening the model, `main`.
+
+The lead's CLI wires it as a subcommand in one line::
+
+    add_serve_arguments(sub.add_parser("serve", help="HTTP service")).set_defaults(
+        func=lambda session, args: run_from_args(args))
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ServiceConfig
+from ..errors import ConfigError, EsgMemoryError
+from .auth import TOKEN_ENV, load_token
+from .directory import check_memory_dir
+from .middleware import DEFAULT_MAX_UPLOAD_BYTES
+from .server import serve
+
+__all__ = ["add_serve_arguments", "main", "run_from_args"]
+
+
+def _open_model(model_spec: str, clip_spec: str, memory_dir: Path) -> Any:
+    # imported here: loading pulls in torch and transformers, which `--help` and refusals never need
+    from ..loading import load_base_model, load_encoder, new_memory
+    from ..model import EditedModel
+
+    saved = check_memory_dir(memory_dir)
+    encoder = load_encoder(clip_spec)
+    base, processor = load_base_model(model_spec)
+    memory = memory_dir if saved else new_memory(encoder, clip_spec)
+    return EditedModel.wrap(base, processor, memory=memory, encoder=encoder)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``serve`` options. ``--memory/--model/--clip`` default to SUPPRESS so a parent
+    parser's values are not overwritten when this is a subcommand."""
+    have = set(getattr(parser, "_option_string_actions", {}))
+    for flag, text in (("--memory", "memory directory (created if missing)"),
+                       ("--model", "model spec (registered name, local dir or HF id)"),
+                       ("--clip", "key-encoder spec")):
+        if flag not in have:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--token-file", help=f"file holding the bearer token (else ${TOKEN_ENV})")
+    parser.add_argument("--allowed-root", help="directory image_path fields may point into (else disabled)")
+    parser.add_argument("--insecure-local", action="store_true",
+                        help="allow writes without a token; forces binding to 127.0.0.1")
+    parser.add_argument("--read-only", action="store_true", help="refuse all writes")
+    parser.add_argument("--protect-reads", action="store_true", help="require the token for reads too")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+                        help="largest request body in MiB (default %(default)s)")
+    parser.add_argument("--max-batch-rows", type=int, default=16, help="rows per model call (default 16)")
+    parser.add_argument("--batch-wait-ms", type=float, default=3.0, help="batching window (default 3 ms)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Start the service from parsed arguments (blocks until stopped); returns an exit code."""
+    from ..loading import DEFAULT_ENCODER, DEFAULT_MODEL
+
+    memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
+    if not memory:
+        raise ConfigError("serve needs --memory DIR (or $ESG_MEMORY_DIR)")
+    token = load_token(args.token_file)
+    memory_dir = Path(memory)
+    # refuse bad configurations before spending time loading models
+    if token is None and not (args.insecure_local or args.read_only):
+        raise ConfigError(f"refusing to serve writable without a bearer token: set ${TOKEN_ENV} or "
+                          "--token-file, or pass --insecure-local (binds 127.0.0.1 only) or --read-only")
+    check_memory_dir(memory_dir)
+    model = _open_model(getattr(args, "model", None) or DEFAULT_MODEL, getattr(args, "clip", None)
+                        or DEFAULT_ENCODER, memory_dir)
+    config = ServiceConfig(max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
+    serve(model, memory_dir, host=args.host, port=args.port, log_level=args.log_level, token=token,
+          allowed_root=args.allowed_root, max_upload_bytes=int(args.max_upload_mb * 2**20),
+          insecure_local=args.insecure_local, read_only=args.read_only, protect_reads=args.protect_reads,
+          config=config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m esg_memory.serve ...`` (the same options as ``esg-memory serve``)."""
+    parser = argparse.ArgumentParser(prog="esg-memory serve", description="HTTP service over an edited model")
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_from_args(args)
+    except EsgMemoryError as e:
+        print(f"esg-memory serve: error: {e}", file=sys.stderr)
+        return 1
