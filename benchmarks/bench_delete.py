@@ -58,11 +58,11 @@ def measure(encoder, n: int, deletes: int) -> dict:
         if len(mem) < 2:
             break
         mode = MODES[i % len(MODES)]
-        held = mem._derived_index().holders
-        victim = max((e for e in held if e in mem), key=lambda e: (len(held[e]), -e), default=None)
+        held = {e.id: mem.holders(e.id) for e in mem.list()}
+        victim = max((e for e in held if held[e]), key=lambda e: (len(held[e]), -e), default=None)
         if victim is None:
             break
-        mem.config.settle = mode
+        mem.set_settle(mode)
         holders[mode].append(len(held[victim]))
         t = time.perf_counter()
         mem.delete(victim)
@@ -105,12 +105,12 @@ def burst_deletes(mem, k: int, give_way: bool) -> dict | None:
     real = WriterMutex.contended
     if not give_way:
         WriterMutex.contended = property(lambda self: False)  # type: ignore[method-assign]
-    mem.config.settle = "background"
+    mem.set_settle("background")
     lat: list[float] = []
     try:
         for _ in range(k):
-            held = mem._derived_index().holders
-            victim = max((e for e in held if e in mem), key=lambda e: (len(held[e]), -e), default=None)
+            held = {e.id: mem.holders(e.id) for e in mem.list()}
+            victim = max((e for e in held if held[e]), key=lambda e: (len(held[e]), -e), default=None)
             if victim is None:
                 break
             t = time.perf_counter()

@@ -59,17 +59,17 @@ def measure(n: int, workdir: Path) -> dict[str, Any]:
     path = workdir / f"mem{n}"
     EditMemory(enc, MemoryConfig(n_text_positives=2, n_image_positives=2)).save(path)
     mem = EditMemory.open(path, enc, journal=JournalConfig(compact_bytes=0, compact_on_close=False))
-    w = mem._durable.writer
+    w = mem.journal.writer
     kinds: dict[str, dict[str, list[float]]] = {}
 
     def timed(kind: str, fn) -> Any:
-        f0, o0 = w.fsync_seconds, w._offset
+        f0, o0 = w.fsync_seconds, w.offset
         t0 = time.perf_counter()
         out = fn()
         d = kinds.setdefault(kind, {"call": [], "journal": [], "bytes": []})
         d["call"].append(time.perf_counter() - t0)
         d["journal"].append(w.fsync_seconds - f0)
-        d["bytes"].append(float(w._offset - o0))
+        d["bytes"].append(float(w.offset - o0))
         return out
 
     ids = []

@@ -106,7 +106,7 @@ def run_stream(
     anchors = enc.encode([png(r.subject) for r in recs], [r.src for r in recs])
     anchors_t = enc.encode_texts([r.src for r in recs])
     anchors_i = enc.encode_images([png(r.subject) for r in recs])
-    pool_k = mem._pool
+    pool_k = mem.snapshot(settle=False).pool.keys
     pool_t = np.stack([enc.encode_texts([t])[0] for _, t in pool])
     pool_i = np.stack([enc.encode_images([png(s)])[0] for s, _ in pool if s is not None])
     log.info("%s: encoded probes in %.1fs", name, time.perf_counter() - t0)
@@ -250,7 +250,7 @@ def easy_vqa_stream(n: int, enc, cfg: MemoryConfig, label: str) -> dict:
     exp = np.asarray([ids[o] for o in owners])
     hexp = np.asarray([ids[o] for o in hard_owners])
     anchors = np.concatenate([mem.keys_of(e)[0][:1] for e in ids])
-    tau = calibrate_global(anchors, mem._pool, cfg.margin, budget=0.01)
+    tau = calibrate_global(anchors, mem.snapshot(settle=False).pool.keys, cfg.margin, budget=0.01)
     gg = np.asarray(ids)[np.maximum(nearest_rule(anchors, rg.keys, tau), 0)]
     gg = np.where(nearest_rule(anchors, rg.keys, tau) >= 0, gg, -1)
     gu = nearest_rule(anchors, ru.keys, tau)

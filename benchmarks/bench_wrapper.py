@@ -259,6 +259,7 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                 # itself. The wrapped generate follows the bare one directly, so its own routing
                 # runs as cold as in a loop of wrapped calls (not warmed by a routing call).
                 gen_bare = lambda inputs=inputs: model.generate(**inputs, **gen)  # noqa: E731
+                live_index = mem.snapshot(settle=False).index  # a snapshot shares the live index
                 calls = {
                     "bare": gen_bare,
                     "keys": lambda inputs=inputs, keys=keys: em.generate(**inputs, route_keys=keys, **gen),
@@ -271,7 +272,7 @@ def bench_family(model_type: str, args: argparse.Namespace, flush=lambda res: No
                     "route": lambda keys=keys: mem.route(keys=keys),
                     "bare_3": gen_bare,
                     # the baseline of the rule-out `route_ids` starts with: every key's margin
-                    "scan": lambda keys=keys: mem._index.scan_margins(keys),
+                    "scan": lambda keys=keys, ix=live_index: ix.scan_margins(keys),
                 }
                 with torch.no_grad():
                     for f in calls.values():
@@ -326,11 +327,11 @@ def lifecycle_at_size(em: Any, mem: Any, rng: np.random.Generator, args: argpars
         t0 = time.perf_counter()
         ids.append(em.add_edit(s["image"], s["question"], s["answer"], tune="never"))
         add_t.append(time.perf_counter() - t0)
-    filler = sorted(e for e in mem._edits if e < have)  # the fill's edits: ids 0..have-1
+    filler = sorted(e.id for e in mem.list() if e.id < have)  # the fill's edits: ids 0..have-1
     victims = [int(v) for v in rng.choice(filler, size=min(len(filler), len(ids)), replace=False)]
     del_t, settle_t, holders = [], [], []
     for v in [*ids, *victims]:
-        holders.append(sum(v in st.nbrs for st in mem._edits.values()))
+        holders.append(len(mem.holders(v)))
         t0 = time.perf_counter()
         em.delete_edit(v)
         del_t.append(time.perf_counter() - t0)

@@ -50,9 +50,8 @@ def _stats_ms(samples: list[float]) -> tuple[float, float]:
 
 
 def _bytes_per_key(ix: ScopedIndex) -> float:
-    t, s = ix._table, ix._struct
-    table = t.vecs.nbytes + t.edit.nbytes + t.thr.nbytes + t.bits.nbytes
-    return (table + faiss.serialize_index(s.index).nbytes) / max(1, t.n_alive)
+    b = ix.memory_bytes()
+    return (b["table"] + b["structure"]) / max(1, ix.n_keys)
 
 
 def _bench_one(

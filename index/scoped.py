@@ -29,6 +29,7 @@ import os
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 
 from ._prune import ConeCache, live_thresholds, scan_error, scan_max_margins
@@ -103,6 +104,14 @@ class ScopedIndex:
                     "slots": t.n, "dead_slots": t.n_dead, "structure": s.describe(), "faiss_ntotal": s.ntotal,
                     # whether maybe_in_scope's cluster filter is built (else it scans every key)
                     "rule_out_ready": self._cones.current is not None}
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: ``table`` (keys, owners, thresholds, live bits) and ``structure`` (the FAISS index,
+        as serialised)."""
+        with self._lock.read():
+            t, s = self._table, self._struct
+            table = t.vecs.nbytes + t.edit.nbytes + t.thr.nbytes + t.bits.nbytes
+            return {"table": int(table), "structure": int(faiss.serialize_index(s.index).nbytes)}
 
     def edit_ids(self) -> np.ndarray:
         """Sorted int64 array of the edit ids present."""

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -27,7 +28,7 @@ from PIL import Image
 
 from index import UnitRows
 
-from ..config import MemoryConfig
+from ..config import SETTLE_MODES, MemoryConfig, SettleMode
 from ..errors import ConfigError, ImageError, InvalidInputError
 from ..images import ImageLike
 from ..types import Conflict, Edit, EditVersion, FeedbackOutcome, RouteResult
@@ -76,13 +77,28 @@ class EditMemory:
             raise ConfigError(f"config must be a MemoryConfig, not {type(config).__name__}")
         config.validate()
         self.encoder = encoder
-        self.config = config
         self._lock = threading.RLock()  # guards the committed state; held only briefly
         self._state = Committed(int(encoder.dim), config, backend)
         self._encoding = EditEncoder(encoder, config)
         self._router = Router(self._state, self._lock)
-        self._writer = Writer(self._state, self._lock, self._encoding, self._router, config, self)
+        self._writer = Writer(self._state, self._lock, self._encoding, self._router, self)
         self._loaded_from: tuple[str, str, int] | None = None  # (dir, lineage, lsn) loaded from
+
+    @property
+    def config(self) -> MemoryConfig:
+        """How scopes are learned (frozen; saved with the memory)."""
+        return self._state.config
+
+    def set_settle(self, mode: SettleMode) -> None:
+        """Change when deletes re-fit their holders (`MemoryConfig.settle`); settled routing is the same.
+
+        Pending deletes are settled first, under the mode they were made in.
+        """
+        if mode not in SETTLE_MODES:
+            raise ConfigError(f"settle must be one of {', '.join(SETTLE_MODES)}, not {mode!r}")
+        with self._writer.wlock:
+            self._writer.settle_locked()
+            self._state.config = replace(self._state.config, settle=mode)
 
     # ------------------------------------------------------------------ snapshots
     @classmethod

@@ -79,7 +79,7 @@ def blobs_of(state: EditState) -> Iterator[str]:
 
 
 class Derived:
-    """Indexes over the committed edit states, kept in step by `EditMemory._apply` (not saved).
+    """Indexes over the committed edit states, kept in step by `Committed.install` (not saved).
 
     ``holders``: edit -> the edits whose neighbour set holds it (the edits a delete or re-encode
     must revisit); ``bars``: for a full (capped) set, the smallest link in it, below which a new

@@ -21,7 +21,6 @@ from typing import Any
 
 from index import UnitRows
 
-from ..config import MemoryConfig
 from ..errors import InvalidInputError
 from ..types import EditVersion, FeedbackOutcome
 from ..validate import check_text
@@ -56,14 +55,12 @@ class Writer:
         lock: threading.RLock,
         encoding: EditEncoder,
         router: Router,
-        config: MemoryConfig,
         owner: Any,
     ) -> None:
         self.state = state
         self.lock = lock
         self.encoding = encoding
         self.router = router
-        self.config = config
         self.owner = owner
         self.wlock = WriterMutex()  # serialises writers (planning + commit); reentrant
         self.settler = Settler(self.wlock, self.settle_locked, lambda: bool(state.pending))
@@ -77,7 +74,7 @@ class Writer:
         return Plan(
             st.edits,
             st.pool.keys,
-            self.config,
+            st.config,
             lambda lo, hi, extra: self.encoding.cross(lo, hi, self.blob_lookup(extra)),
             st.crosses,
             {} if blobs is None else blobs,
@@ -172,7 +169,8 @@ class Writer:
     def delete(self, edit_id: Any) -> None:
         with self.wlock:
             st = lookup(self.state.edits, edit_id)
-            if self.config.settle != "sync":
+            settle = self.state.config.settle
+            if settle != "sync":
                 # phase one: the edit leaves; its holders are re-fitted when settled
                 holders = self.state.derived().holders.get(st.id)
                 op = Delete(st.id, deferred=True, answer=st.current.answer) if holders else Delete(st.id)
@@ -180,7 +178,7 @@ class Writer:
                 logger.info(
                     "deleted edit %d; holders %s re-fitted when settled", st.id, sorted(holders or ())
                 )
-                if holders and self.config.settle == "background":
+                if holders and settle == "background":
                     self.settler.wake()
                 return
             self.settle_locked()

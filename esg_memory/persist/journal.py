@@ -257,7 +257,7 @@ class JournalWriter:
             os.fsync(fd)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self.path, self._offset = fd, path, good_end
+        self._fd, self.path, self.offset = fd, path, good_end
         self.bytes_since_rotate = good_end - _HEAD.size
 
     def rotate(self) -> Path:
@@ -285,18 +285,18 @@ class JournalWriter:
             view = memoryview(rec)
             done = 0
             while done < len(rec):
-                done += os.pwrite(self._fd, view[done:], self._offset + done)
+                done += os.pwrite(self._fd, view[done:], self.offset + done)
             os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
         except BaseException as exc:
             try:
-                os.ftruncate(self._fd, self._offset)
+                os.ftruncate(self._fd, self.offset)
                 os.fsync(self._fd)
             except OSError as e2:
                 self.broken = f"{type(exc).__name__}: {exc}; then truncating failed: {e2}"
             raise
         self.fsync_seconds += time.perf_counter() - t0
         self.appends += 1
-        self._offset += len(rec)
+        self.offset += len(rec)
         self.bytes_since_rotate += len(rec)
         self.next_lsn = lsn + 1
         return lsn
