@@ -304,13 +304,18 @@ class EditedModelConfig:
     """Generated question rewrites (``question_templates``) added to the tuning examples."""
     n_augmented_images: int = 2
     """Generated views of the edit image (``augment_image``) added to the tuning examples."""
+    n_unrelated_questions: int = 8
+    """Questions unrelated to the edit (`esg_memory.scope.GENERIC_QUESTIONS`) asked about the edit's picture
+    and added to the tuning examples with the edit's answer. The router keeps an adapter inside its edit's
+    scope, so an adapter taught to give the answer whatever it is asked loses nothing out of scope and gains
+    phrasings it never saw (``benchmarks/bench_fidelity.py`` measures it)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, dict):  # as saved in edited_model.json
             object.__setattr__(self, "adapters", AdapterConfig(**self.adapters))
         check_tune_mode(self.tune, "tune")
-        if self.n_paraphrases < 0 or self.n_augmented_images < 0:
-            raise ConfigError("n_paraphrases and n_augmented_images must be >= 0")
+        if self.n_paraphrases < 0 or self.n_augmented_images < 0 or self.n_unrelated_questions < 0:
+            raise ConfigError("n_paraphrases, n_augmented_images and n_unrelated_questions must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,16 @@ class TuningRuntime(Protocol):
 
 
 def tuning_examples(
-    memory: Any, edit: Any, n_paraphrases: int = 4, n_augmented: int = 2, max_examples: int = 16
+    memory: Any, edit: Any, n_paraphrases: int = 4, n_augmented: int = 2, max_examples: int = 16,
+    n_unrelated: int = 0,
 ) -> list[tuple[Any, str]]:
     """(image, prompt) rows an edit's tuned adapter must answer: the edit input, its stored positives
     (``None`` fields inherit the edit's image / question), question rewrites and image views like the
-    ones the memory's scope admits. Deduplicated, at most ``max_examples``."""
+    ones the memory's scope admits, then ``n_unrelated`` unrelated questions about the edit's picture
+    (answer-anywhere examples: see `EditedModelConfig.n_unrelated_questions`). Deduplicated, at most
+    ``max_examples``."""
     from ..augment import augment_image, question_templates
+    from ..scope import GENERIC_QUESTIONS
 
     img = memory.open_image(edit.image) if edit.image else None
     rows: list[tuple[Any, str]] = [(img, edit.question)]
@@ -81,6 +85,7 @@ def tuning_examples(
     rows += [(img, q) for q in question_templates(edit.question, n_paraphrases)]
     if img is not None and n_augmented:
         rows += [(a, edit.question) for a in augment_image(img, n_augmented, seed=int(edit.id))]
+    rows += [(img, q) for q in GENERIC_QUESTIONS[:n_unrelated]]
     seen: set[tuple[int, str]] = set()
     out = []
     for im, q in rows:

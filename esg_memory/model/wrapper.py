@@ -328,7 +328,8 @@ class EditedModel:
     def _examples(self, edit: Any) -> list[tuple[Any, str]]:
         cfg = self.edit_config
         return tuning_examples(
-            self.memory, edit, cfg.n_paraphrases, cfg.n_augmented_images, cfg.adapters.max_examples
+            self.memory, edit, cfg.n_paraphrases, cfg.n_augmented_images, cfg.adapters.max_examples,
+            n_unrelated=cfg.n_unrelated_questions,
         )
 
     def wait_for_tuning(self, timeout: float | None = None) -> list[TuneReport]:
