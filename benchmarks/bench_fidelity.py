@@ -67,6 +67,10 @@ VARIANTS = {
     "unrelated4": {"n_paraphrases": 4, "n_augmented_images": 2, "n_unrelated_questions": 4},
     "unrelated8": {"n_paraphrases": 4, "n_augmented_images": 2, "n_unrelated_questions": 8},
     "unrelated8_noaug": {"n_paraphrases": 4, "n_augmented_images": 0, "n_unrelated_questions": 8},
+    "unrelated6_aug4": {"n_paraphrases": 4, "n_augmented_images": 4, "n_unrelated_questions": 6},
+    "unrelated8_aug4_20": {"n_paraphrases": 4, "n_augmented_images": 4, "n_unrelated_questions": 8,
+                           "max_examples": 20},
+    "unrelated8_para2_aug4": {"n_paraphrases": 2, "n_augmented_images": 4, "n_unrelated_questions": 8},
 }
 
 
@@ -104,7 +108,9 @@ def run_variant(name: str, fields: dict[str, int], plan: list[dict], images: dic
     model, proc = load_easyvqa_llava()
     enc = ClipKeyEncoder(f"local-dir:{pretrained_path(EASYVQA_CLIP)}")
     mem = EditMemory(enc, config=easyvqa_memory_config(), locality_pool=easyvqa_locality_pool())
-    cfg = EditedModelConfig(adapters=AdapterConfig(max_steps=max_steps), **fields)
+    fields = dict(fields)
+    adapters = AdapterConfig(max_steps=max_steps, max_examples=fields.pop("max_examples", 16))
+    cfg = EditedModelConfig(adapters=adapters, **fields)
     em = EditedModel.wrap(model, proc, memory=mem, encoder=enc, config=cfg)
     hits: dict[str, list[bool]] = {}
     tune_s, exact, misrouted = [], [], 0
@@ -117,7 +123,7 @@ def run_variant(name: str, fields: dict[str, int], plan: list[dict], images: dic
         rep = em.tune_reports.get(eid)
         exact.append(bool(rep is not None and rep.exact))
         probes: list[tuple[str, Any, str]] = [("reliability", img, p["q"])]
-        probes += [("paraphrase", img, q) for q in question_templates(p["q"], fields["n_paraphrases"])]
+        probes += [("paraphrase", img, q) for q in question_templates(p["q"], 4)]
         probes += [("held_out_phrasing", img, q) for q in HELD_OUT[kind]]
         probes += [("other_picture", images[i], p["q"]) for i in p["same"]]
         probes += [("held_out_rendering", r, p["q"]) for r in renderings(img)]

@@ -102,6 +102,28 @@ def test_aggregate_and_probe_records():
         probe_record("t_loc", "red", same, None, -1, 0, 0)
 
 
+def test_where_and_what_are_aggregated_apart():
+    good = out("post", target=(5,), topk=((5, 1),), text="five")
+    bad = out("post", target=(5,), topk=((1, 5),), text="blue")
+    recs = [
+        # the router missed (nothing fired) but the adapter, forced in, gives the answer: routing's fault
+        probe_record("i_gen", "five", bad, None, -1, 11, 1, 4, forced=good),
+        # the right edit fired but its adapter does not give the answer: the adapter's fault
+        probe_record("t_gen", "five", bad, None, 11, 11, 1, 5, forced=bad),
+        probe_record("t_gen", "five", good, None, 11, 11, 1, 6, forced=good),
+        probe_record("reliability", "five", good, None, 11, 11, 1, 3),  # no forced run: not counted
+    ]
+    agg = aggregate(recs)
+    assert agg["fidelity"] == {"reliability": None, "t_gen": 0.5, "i_gen": 1.0, "portability": None}
+    assert agg["routing"]["right_edit_by_kind"] == {
+        "reliability": 1.0,
+        "t_gen": 1.0,
+        "i_gen": 0.0,
+        "portability": None,
+    }
+    assert agg["i_gen_em"] == 0.0 and agg["t_gen_em"] == 0.5
+
+
 def test_interaction_and_deletion_audits():
     imm = {
         0: [{"probe": 0, "em": True, "case": 0}, {"probe": 1, "em": True, "case": 0}],

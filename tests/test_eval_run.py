@@ -56,8 +56,15 @@ def test_easyvqa_run_writes_every_file_and_is_deterministic(tmp_path, shipped):
     if d["final"]["routed"] == 0.0:  # nothing else fires on a deleted edit's probes: exact, bit for bit
         assert d["final"]["bits"] == 0.0
     assert on_disk["methods"]["always_nearest"]["retention"]["routing"]["loc_any_edit"] == 1.0
+    # where vs what: the adapter's half is measured with the right edit forced in, so it is the same for
+    # every routing rule (the adapters are); the router's half differs by method
+    fid = {m: json.dumps(v["retention"]["fidelity"], sort_keys=True) for m, v in on_disk["methods"].items()}
+    assert len(set(fid.values())) == 1, fid
+    f = on_disk["methods"]["ours"]["retention"]["fidelity"]
+    assert all(f[k] is not None and 0 <= f[k] <= 1 for k in ("reliability", "t_gen", "i_gen"))
+    assert on_disk["methods"]["bare"]["retention"]["routing"]["right_edit_by_kind"]["t_gen"] == 0.0
     md = (tmp_path / "a" / "results.md").read_text()
-    assert "## immediate" in md and "## retention" in md and "| ours |" in md
+    assert "## immediate" in md and "## retention" in md and "| ours |" in md and "Where vs what" in md
 
     r2 = run_eval(cfg, tmp_path / "b", progress=False, model=model, encoder=enc)
     assert strip_timings(r1) == strip_timings(r2)

@@ -25,8 +25,13 @@ def probe_record(
     owner_edit: int,
     case: int,
     probe: int = -1,
+    forced: ProbeOutput | None = None,
 ) -> dict[str, Any]:
-    """One probe's outcome under one method and state (``fired``: the edit injected, -1 none)."""
+    """One probe's outcome under one method and state (``fired``: the edit injected, -1 none).
+
+    ``forced``: a generalization probe's output with its own edit injected whatever the routing said
+    (where vs what: ``fidelity`` is the adapter's half, ``owner_fired`` the router's).
+    """
     rec: dict[str, Any] = {
         "kind": kind,
         "case": case,
@@ -44,6 +49,8 @@ def probe_record(
     else:
         rec["acc"] = token_accuracy(out)
         rec["em"] = exact_match(out, target)
+        if forced is not None:
+            rec["fidelity"] = exact_match(forced, target)
         if pre is not None:
             rec["residue"] = residue(pre, out)
     return rec
@@ -87,7 +94,10 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "loc_any_edit": mean_or_none([r["fired"] >= 0 for r in loc]),
         "loc_own_edit": mean_or_none([r["owner_fired"] for r in loc]),
         "loc_any_edit_by_kind": {k: mean_or_none([r["fired"] >= 0 for r in of[k]]) for k in LOC_KINDS},
+        "right_edit_by_kind": {k: mean_or_none([r["owner_fired"] for r in of[k]]) for k in GEN_KINDS},
     }
+    # the adapter's half: the new answer with the right edit injected, whatever the router decided
+    out["fidelity"] = {k: mean_or_none([r["fidelity"] for r in of[k] if "fidelity" in r]) for k in GEN_KINDS}
     out["n_edits"] = len(reliable)
     out["n_probes"] = len(records)
     return out

@@ -91,6 +91,25 @@ def render_markdown(res: dict[str, Any]) -> str:
                 + " | ".join(_f(v[k]) for k, _ in _EM)
                 + f" | {_f(r['right_edit'])} | {_f(r['loc_any_edit'])} |"
             )
+        kinds = [
+            k
+            for k in ("reliability", "t_gen", "i_gen")
+            if any(v.get("fidelity", {}).get(k) is not None for v in rows.values())
+        ]
+        if kinds:
+            lines += [
+                "",
+                "Where vs what: the right edit fires (router) / the new answer with the right edit forced in "
+                "(adapter), per probe kind.",
+                "",
+                "| method | " + " | ".join(f"{k}: fires / fidelity" for k in kinds) + " |",
+                "|---|" + "---|" * len(kinds),
+            ]
+            for m, v in rows.items():
+                r, f = v["routing"].get("right_edit_by_kind", {}), v.get("fidelity", {})
+                lines.append(
+                    f"| {m} | " + " | ".join(f"{_f(r.get(k))} / {_f(f.get(k))}" for k in kinds) + " |"
+                )
     lines += [
         "",
         "## audits",

@@ -207,6 +207,20 @@ class _Run:
             return {m: [] for m in self.methods}
         items = [(p, self.images[p], self.questions[p], self.target(p)) for p in probes]
         case_of = {e: c for c, e in self.eid.items()}
+        # where vs what: each generalization probe of a live edit also runs with that edit forced in
+        # (the same adapters for every method; outputs are cached, so a probe the router already sent
+        # to its own edit costs nothing more)
+        forced: dict[int, Any] = {}
+        own = [
+            (p, self.eid[self.owner[p]])
+            for p in probes
+            if self.kinds[p] in ("reliability", "t_gen", "i_gen") and self.owner[p] in self.eid
+        ]
+        if own:
+            f_items = [(p, self.images[p], self.questions[p], self.target(p)) for p, _ in own]
+            f_vers = [self.version.get(self.owner[p], 0) for p, _ in own]
+            f_outs = self.scorer.post(f_items, self.keys.joint, [e for _, e in own], f_vers, real=False)
+            forced = {p: o for (p, _), o in zip(own, f_outs, strict=True)}
         for m in self.methods:
             ids = self.route(m, probes)
             vers = [self.version.get(case_of.get(int(e), -1), 0) if e >= 0 else 0 for e in ids]
@@ -221,6 +235,7 @@ class _Run:
                     self.eid.get(self.owner[p], -2),
                     self.owner[p],
                     p,
+                    forced.get(p),
                 )
                 for p, o, e in zip(probes, outs, ids, strict=True)
             ]
