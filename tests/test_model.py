@@ -267,3 +267,24 @@ def test_background_tuning_swaps_in_and_discards_stale(env, monkeypatch):
 def test_base_model_untouched(env):
     assert same_state(env.model, env.snap)
     assert all(p.grad is None for p in env.model.parameters())
+
+
+def test_module_calls_return_the_wrapper_with_its_edits(env):
+    # `em = em.to(...)` must not hand back the bare model (and drop every edit)
+    em, c = env.em, env.c
+    try:
+        calls = (lambda m: m.to("cpu"), lambda m: m.eval(), lambda m: m.cpu(), lambda m: m.to(torch.float64))
+        for call in calls:
+            got = call(em)
+            assert got is em and isinstance(got, EditedModel)
+        assert env.model.dtype == torch.float64
+        # cast, the edit still fires and answers (K/V prefixes are cached per device and dtype)
+        assert em.answer(images=[c.a_img], prompts=[Q_COLOR], max_new_tokens=8) == ["purple"]
+    finally:
+        assert em.float() is em  # float32 -> float64 -> float32 is exact: the shared model is unchanged
+    assert env.model.dtype == torch.float32
+    assert em.answer(images=[c.a_img], prompts=[Q_COLOR], max_new_tokens=8) == ["purple"]
+    model, proc = tiny("llava")  # lossy casts on a model of its own
+    other = EditedModel.wrap(model, proc, EditMemory(tiny_encoder()))
+    assert other.half() is other and model.dtype == torch.float16
+    assert other.bfloat16() is other and model.dtype == torch.bfloat16

@@ -155,6 +155,38 @@ class EditedModel:
             raise AttributeError(name)
         return getattr(self.base_model, name)
 
+    # ---- nn.Module-like calls: they act on the base model and return the wrapper (peft's contract), so
+    # ``em = em.to("cuda")`` keeps its edits. K/V prefixes are cached per device and dtype, and adapters
+    # are identified by architecture alone, so a moved or cast model injects the same edits.
+    def to(self, *args: Any, **kwargs: Any) -> EditedModel:
+        """``base_model.to(...)`` (device and/or dtype); returns this wrapper."""
+        self.base_model.to(*args, **kwargs)
+        return self
+
+    def cuda(self, device: Any = None) -> EditedModel:
+        self.base_model.cuda(device)
+        return self
+
+    def cpu(self) -> EditedModel:
+        self.base_model.cpu()
+        return self
+
+    def half(self) -> EditedModel:
+        self.base_model.half()
+        return self
+
+    def bfloat16(self) -> EditedModel:
+        self.base_model.bfloat16()
+        return self
+
+    def float(self) -> EditedModel:
+        self.base_model.float()
+        return self
+
+    def eval(self) -> EditedModel:
+        self.base_model.eval()
+        return self
+
     def _attach_adapters(self) -> None:
         """On loading a memory: an edit whose current version has no stored adapter (or one for another
         model) gets its compiled one attached, so that reads do not have to write. A memory that cannot
