@@ -282,25 +282,45 @@ def cmd_demo(s: _Session, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _global_options(p: argparse.ArgumentParser, defaults: bool, model: bool = True) -> None:
+    """The options every command takes, before or after the command's name.
+
+    On the main parser they carry the defaults; on each command's parser (``defaults=False``) they are
+    ``SUPPRESS``ed, so a value given after the command overrides one given before it and an absent one
+    leaves it alone. ``model``: also --model / --clip (``eval`` has its own, with other defaults).
+    """
+
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--memory", default=d(os.environ.get("ESG_MEMORY_DIR")), help="memory directory")
+    if model:
+        p.add_argument(
+            "--model",
+            default=d(DEFAULT_MODEL),
+            help="HF model id, local model dir, or 'tiny-llava' (embedded default)",
+        )
+        p.add_argument(
+            "--clip",
+            default=d(DEFAULT_ENCODER),
+            help="key encoder: open_clip name[:weights file], 'esg-tiny-clip', or 'minilm+<clip>'",
+        )
+    p.add_argument("--json", action="store_true", default=d(False), help="print JSON")
+    p.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks and debug logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="esg-memory",
         description="Scoped, instantly editable memory of corrections for a frozen multimodal LLM.",
     )
-    p.add_argument("--memory", default=os.environ.get("ESG_MEMORY_DIR"), help="memory directory")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="HF model id, local model dir, or 'tiny-llava' (embedded default)",
-    )
-    p.add_argument(
-        "--clip",
-        default=DEFAULT_ENCODER,
-        help="key encoder: open_clip name[:weights file], 'esg-tiny-clip', or 'minilm+<clip>'",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    _global_options(p, defaults=True)
+    every = argparse.ArgumentParser(add_help=False)
+    _global_options(every, defaults=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[every], **kw)
 
     def edit_fields(sp: argparse.ArgumentParser, required: bool) -> None:
         sp.add_argument("--image", help="image file (path)")
@@ -309,70 +329,73 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--positive", action="append", help="a rephrasing that must also get the answer")
         sp.add_argument("--positive-image", action="append", help="another image of the same subject")
 
-    sp = sub.add_parser("add", help="add an edit (live at once)")
+    sp = command("add", help="add an edit (live at once)")
     edit_fields(sp, required=True)
     sp.add_argument("--metadata", help="JSON object stored with the edit")
     sp.add_argument("--tune", choices=["never", "sync"], default="never", help="tune the adapter now")
     sp.add_argument("--with-model", action="store_true", help="compile the adapter with --model now")
     sp.set_defaults(func=cmd_add)
 
-    sp = sub.add_parser("delete", help="delete edits (exact: as if never added)")
+    sp = command("delete", help="delete edits (exact: as if never added)")
     sp.add_argument("edit_ids", type=int, nargs="+")
     sp.set_defaults(func=cmd_delete)
 
-    sp = sub.add_parser("revise", help="correct an edit: a new version supersedes the old")
+    sp = command("revise", help="correct an edit: a new version supersedes the old")
     sp.add_argument("edit_id", type=int)
     edit_fields(sp, required=False)
     sp.set_defaults(func=cmd_revise)
 
-    sp = sub.add_parser("rollback", help="restore an earlier version of an edit")
+    sp = command("rollback", help="restore an earlier version of an edit")
     sp.add_argument("edit_id", type=int)
     sp.add_argument("--version", type=int, required=True)
     sp.set_defaults(func=cmd_rollback)
 
-    sub.add_parser("list", help="list edits").set_defaults(func=cmd_list)
+    command("list", help="list edits").set_defaults(func=cmd_list)
     for name, fn, text in (
         ("show", cmd_show, "show one edit"),
         ("history", cmd_history, "versions of an edit"),
     ):
-        sp = sub.add_parser(name, help=text)
+        sp = command(name, help=text)
         sp.add_argument("edit_id", type=int)
         sp.set_defaults(func=fn)
 
-    sp = sub.add_parser("route", help="explain which edit (if any) covers an input")
+    sp = command("route", help="explain which edit (if any) covers an input")
     sp.add_argument("--image")
     sp.add_argument("--question")
     sp.set_defaults(func=cmd_route)
 
-    sp = sub.add_parser("generate", help="answer with the edited model")
+    sp = command("generate", help="answer with the edited model")
     sp.add_argument("--image")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--max-new-tokens", type=int, default=16)
     sp.set_defaults(func=cmd_generate)
 
-    sp = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
+    sp = command("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
     sp.add_argument("name", choices=BENCHMARKS)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     sp.set_defaults(func=cmd_bench)
 
     from .serve.cli import add_serve_arguments, run_from_args
 
-    sp = add_serve_arguments(sub.add_parser("serve", help="HTTP service (needs the [serve] extra)"))
+    sp = add_serve_arguments(command("serve", help="HTTP service (needs the [serve] extra)"))
     sp.set_defaults(func=lambda s, a: run_from_args(a))
 
-    _add_eval_parser(sub)
+    basic = argparse.ArgumentParser(add_help=False)
+    _global_options(basic, defaults=False, model=False)
+    _add_eval_parser(sub, basic)
 
-    sp = sub.add_parser("demo", help="the product's story on the embedded default models")
+    sp = command("demo", help="the product's story on the embedded default models")
     sp.add_argument("--out", default="esg-demo-out", help="where the report goes")
     sp.set_defaults(func=cmd_demo)
     return p
 
 
-def _add_eval_parser(sub: Any) -> None:
+def _add_eval_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     from .eval.data import DATA_KINDS
 
     sp = sub.add_parser(
         "eval",
+        parents=[parent],
         help="evaluation harness: EasyEdit-style metrics, edit streams, baselines (docs/eval.md)",
     )
     sp.add_argument("--data", help="JSON file of edit records (not needed for --kind easyvqa)")

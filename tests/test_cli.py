@@ -145,3 +145,51 @@ def test_bench_runs_a_benchmark_script(capsys, tmp_path):
     rc, text, _ = run(capsys, "bench", "index", "--sizes", "1000", "--backends", "flat", "--out", str(out))
     assert rc == EXIT_OK
     assert "flat" in text and json.loads(out.read_text())
+
+
+def test_global_options_work_after_the_command_too(tmp_path):
+    # `esg-memory list --memory m --json` (as users type it), in a real process
+    import subprocess
+    import sys
+
+    d = str(tmp_path / "mem")
+    env_cmd = [sys.executable, "-m", "esg_memory.cli"]
+    add = subprocess.run(
+        [
+            *env_cmd,
+            "add",
+            "--memory",
+            d,
+            "--clip",
+            "esg-easyvqa-clip",
+            "--question",
+            "what is the capital of france?",
+            "--answer",
+            "lyon",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert add.returncode == EXIT_OK, add.stderr
+    assert json.loads(add.stdout)["edit_id"] == 0
+    got = subprocess.run(
+        [*env_cmd, "--memory", d, "list", "--json"], capture_output=True, text=True, timeout=300
+    )
+    after = subprocess.run(
+        [*env_cmd, "list", "--memory", d, "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert got.returncode == after.returncode == EXIT_OK, (got.stderr, after.stderr)
+    assert (
+        json.loads(got.stdout) == json.loads(after.stdout) and json.loads(after.stdout)[0]["answer"] == "lyon"
+    )
+    # given on both sides, the one after the command wins
+    other = str(tmp_path / "other")
+    both = subprocess.run(
+        [*env_cmd, "--memory", other, "list", "--memory", d, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert json.loads(both.stdout) == json.loads(after.stdout)
