@@ -61,6 +61,7 @@ __all__ = [
     "list_pretrained",
     "load_easyvqa_llava",
     "pretrained_info",
+    "pretrained_name_of",
     "pretrained_path",
 ]
 
@@ -103,6 +104,16 @@ def is_pretrained_name(name: object) -> bool:
 def list_pretrained() -> list[str]:
     """The shipped model names."""
     return PRETRAINED.names()
+
+
+def pretrained_name_of(path: object) -> str | None:
+    """The shipped model name whose directory ``path`` is, else None (saved metas record names, not
+    the install's site-packages paths)."""
+    try:
+        p = Path(str(path)).resolve()
+    except (OSError, ValueError):
+        return None
+    return next((n for n in PRETRAINED if (_ASSETS / PRETRAINED.get(n)).resolve() == p), None)
 
 
 def pretrained_path(name: str) -> Path:

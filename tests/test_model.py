@@ -19,7 +19,7 @@ from _model_fixtures import (
     trim_eos,
 )
 
-from esg_memory.errors import EncoderMismatchError, InvalidInputError, UnsupportedModelError
+from esg_memory.errors import ConfigError, EncoderMismatchError, InvalidInputError, UnsupportedModelError
 from esg_memory.memory import EditMemory
 from esg_memory.model import EditedModel
 
@@ -77,11 +77,18 @@ def test_out_of_scope_is_bit_identical_to_bare(env):
     em, c = env.em, env.c
     imgs, qs = [c.c_img, c.b_img], [Q_OTHER, "does the image contain a circle?"]
     assert all(r.edit_id == -1 for r in em.retrieve(images=imgs, prompts=qs))
-    inputs, bare = bare_generate(env.model, env.proc, imgs, qs, max_new_tokens=5, output_logits=True,
-                                 return_dict_in_generate=True)
+    inputs, bare = bare_generate(
+        env.model, env.proc, imgs, qs, max_new_tokens=5, output_logits=True, return_dict_in_generate=True
+    )
     with torch.no_grad():
-        wrapped = em.generate(images=imgs, prompts=qs, max_new_tokens=5, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
+        wrapped = em.generate(
+            images=imgs,
+            prompts=qs,
+            max_new_tokens=5,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         fwd = em.forward(images=imgs, prompts=qs).logits
         bare_fwd = env.model(**inputs).logits
     assert torch.equal(bare.sequences, wrapped.sequences)
@@ -109,10 +116,18 @@ def test_mixed_batch_equals_rows_alone(env):
         s_in = single.sequences.shape[1] - len(single.logits)
         assert (batch.logits[0][row] - single.logits[0][0]).abs().max() < 1e-5
         assert trim_eos(batch.sequences[row, n_in:], tok.eos_token_id, tok.pad_token_id) == trim_eos(
-            single.sequences[0, s_in:], tok.eos_token_id, tok.pad_token_id)
+            single.sequences[0, s_in:], tok.eos_token_id, tok.pad_token_id
+        )
     # the out-of-scope row alone took the bare path
-    _, bare = bare_generate(env.model, env.proc, [c.c_img], [Q_OTHER], max_new_tokens=4, output_logits=True,
-                            return_dict_in_generate=True)
+    _, bare = bare_generate(
+        env.model,
+        env.proc,
+        [c.c_img],
+        [Q_OTHER],
+        max_new_tokens=4,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(bare.logits[0], singles[2].logits[0])
 
 
@@ -179,14 +194,21 @@ def test_sampling_streaming_and_passthrough(env):
     with torch.no_grad():
         out = em.generate(images=[c.a_img], prompts=[Q_COLOR], max_new_tokens=3, do_sample=False, streamer=s)
         torch.manual_seed(0)
-        samp = em.generate(images=[c.a_img], prompts=[Q_COLOR], max_new_tokens=3, do_sample=True,
-                           num_return_sequences=3, temperature=1.5)
+        samp = em.generate(
+            images=[c.a_img],
+            prompts=[Q_COLOR],
+            max_new_tokens=3,
+            do_sample=True,
+            num_return_sequences=3,
+            temperature=1.5,
+        )
     streamed = [t for ch in s.chunks[1:-1] for t in ch]
     assert s.chunks[-1] is None and streamed == out[0, len(s.chunks[0]) :].tolist()
     assert samp.shape[0] == 3
     with torch.no_grad():  # beam search on an edited row: the wrapper expands the prefix cache per beam
-        beams = em.generate(images=[c.a_img], prompts=[Q_COLOR], max_new_tokens=8, num_beams=2,
-                            do_sample=False)
+        beams = em.generate(
+            images=[c.a_img], prompts=[Q_COLOR], max_new_tokens=8, num_beams=2, do_sample=False
+        )
     n_in = em.build_inputs([c.a_img], [Q_COLOR])["input_ids"].shape[1]
     assert env.proc.tokenizer.decode(beams[0, n_in:], skip_special_tokens=True).strip() == "purple"
     # peft-style passthrough to the base model
@@ -201,10 +223,22 @@ def test_save_and_load_give_identical_outputs(env, tmp_path):
     fresh = EditedModel.wrap(env.model, env.proc, memory=tmp_path / "saved", encoder=tiny_encoder())
     assert fresh.adapter(env.a).kind == em.adapter(env.a).kind != "compiled"  # tuned adapter came back
     with torch.no_grad():
-        a = em.generate(images=imgs, prompts=qs, max_new_tokens=4, do_sample=False, output_logits=True,
-                        return_dict_in_generate=True)
-        b = fresh.generate(images=imgs, prompts=qs, max_new_tokens=4, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True)
+        a = em.generate(
+            images=imgs,
+            prompts=qs,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        b = fresh.generate(
+            images=imgs,
+            prompts=qs,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     assert torch.equal(a.sequences, b.sequences)
     assert all(torch.equal(x, y) for x, y in zip(a.logits, b.logits, strict=True))
 
@@ -215,6 +249,13 @@ def test_from_pretrained_local_dir(env, tmp_path):
     env.proc.save_pretrained(tmp_path / "model")
     em = EditedModel.from_pretrained(tmp_path / "model", memory=tmp_path / "mem", encoder=tiny_encoder())
     assert em.answer(images=[env.c.a_img], prompts=[Q_COLOR]) == ["purple"]
+    # that wrapper knows its base by directory: the saved directory alone reloads it
+    em.save(tmp_path / "again")
+    alone = EditedModel.from_pretrained(tmp_path / "again", encoder=tiny_encoder())
+    assert alone.answer(images=[env.c.a_img], prompts=[Q_COLOR]) == ["purple"]
+    # a model built in memory has no id or directory to reload from: the error says what to pass
+    with pytest.raises(ConfigError, match="pass the base model"):
+        EditedModel.from_pretrained(tmp_path / "mem", encoder=tiny_encoder())
 
 
 def test_typed_errors(env):

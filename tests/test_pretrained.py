@@ -277,7 +277,6 @@ def test_missing_assets_are_a_clear_error(monkeypatch, tmp_path):
         P.pretrained_info(P.EASYVQA_CLIP)
 
 
-
 def test_wrapper_loads_the_shipped_models_by_path(clip_encoder):
     """``EditedModel.from_pretrained(pretrained_path(...))`` with no edits answers exactly as recorded."""
     from esg_memory.model import EditedModel
@@ -368,3 +367,24 @@ def test_with_the_pool_an_edit_stays_off_other_subjects(clip_encoder):
     assert list(mem.route(images=blue_rect[1:], texts=[q] * 2).edit_ids) == [eid, eid]
     assert (mem.route(images=red_rect, texts=[q] * 3).edit_ids == -1).all()
     assert (default.route(images=red_rect, texts=[q] * 3).edit_ids == did).any()
+
+
+def test_a_saved_wrapper_reloads_from_its_directory_alone(tmp_path):
+    import json
+
+    from esg_memory.loading import load_base_model, load_encoder
+    from esg_memory.memory import EditMemory
+    from esg_memory.model import EditedModel
+
+    model, proc = load_base_model("tiny-llava")
+    em = EditedModel.wrap(model, proc, EditMemory(load_encoder("esg-easyvqa-clip")))  # saved by name
+    img = _image("test_17.png")
+    em.add_edit(img, "what color is the shape?", "purple", tune="sync")
+    em.save(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / "edited_model.json").read_text())
+    assert meta["name_or_path"] == P.EASYVQA_LLAVA  # the registered name, not the install's path
+    again = EditedModel.from_pretrained(tmp_path / "saved")  # base and encoder from the directory
+    qs = ["what color is the shape?", "what shape is in the image?"]
+    assert again.answer([img] * 2, qs) == em.answer([img] * 2, qs) and again.answer([img], qs[:1]) == [
+        "purple"
+    ]

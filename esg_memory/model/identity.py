@@ -72,8 +72,9 @@ def read_meta(path: Path) -> dict | None:
     return meta
 
 
-def write_meta(directory: Path, model_type: str, fingerprint: str, model: Any,
-               config: EditedModelConfig) -> None:
+def write_meta(
+    directory: Path, model_type: str, fingerprint: str, model: Any, config: EditedModelConfig
+) -> None:
     """Write ``directory/edited_model.json`` for a base model and the wrapper config (atomically)."""
     meta = {
         "format": "esg-memory-edited-model",
@@ -81,10 +82,19 @@ def write_meta(directory: Path, model_type: str, fingerprint: str, model: Any,
         "model_type": model_type,
         "model": fingerprint,
         "weights_probe": weights_probe(model),
-        "name_or_path": str(getattr(model, "name_or_path", "")),
+        "name_or_path": base_name(model),
         "config": asdict(config),
     }
     atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def base_name(model: Any) -> str:
+    """What ``from_pretrained(dir)`` reloads the base from: a shipped model's registered name (never the
+    install's path), else the HF id or directory the model was loaded from ("" when it has none)."""
+    from ..pretrained import pretrained_name_of
+
+    src = str(getattr(model, "name_or_path", "") or "")
+    return (pretrained_name_of(src) if src else None) or src
 
 
 def config_from_meta(meta: dict) -> EditedModelConfig:

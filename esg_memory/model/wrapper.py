@@ -43,6 +43,7 @@ from .identity import (
     config_from_meta,
     hub_kwargs,
     open_memory,
+    read_meta,
     write_meta,
 )
 from .inject import Injector
@@ -93,8 +94,16 @@ class EditedModel:
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
-    def wrap(cls, model: Any, processor: Any, memory: Any = None, encoder: Any = None,
-             config: EditedModelConfig | None = None, *, durable: bool = False) -> EditedModel:
+    def wrap(
+        cls,
+        model: Any,
+        processor: Any,
+        memory: Any = None,
+        encoder: Any = None,
+        config: EditedModelConfig | None = None,
+        *,
+        durable: bool = False,
+    ) -> EditedModel:
         """Wrap a model the caller already holds. ``memory``: an EditMemory, a saved directory, or None.
 
         ``durable=True`` with a directory opens it with `EditMemory.open`: every edit is journaled
@@ -118,23 +127,57 @@ class EditedModel:
         if config is None and meta is not None:
             config = config_from_meta(meta)
         em = cls(model, processor, memory, config)
-        if durable and meta is None and directory is not None and \
-                memory.durable_path == (directory / MEMORY_DIR).resolve():
+        if (
+            durable
+            and meta is None
+            and directory is not None
+            and memory.durable_path == (directory / MEMORY_DIR).resolve()
+        ):
             em.save_meta(directory)  # a new wrapper directory: reloadable as a whole from now on
         em._owns_memory = durable
         em._attach_adapters()
         return em
 
     @classmethod
-    def from_pretrained(cls, model_id_or_path: str | Path, memory: Any = None, encoder: Any = None,
-                        config: EditedModelConfig | None = None, processor: Any = None,
-                        durable: bool = False, **hf_kwargs: Any) -> EditedModel:
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | Path,
+        memory: Any = None,
+        encoder: Any = None,
+        config: EditedModelConfig | None = None,
+        processor: Any = None,
+        durable: bool = False,
+        **hf_kwargs: Any,
+    ) -> EditedModel:
         """Load the base with transformers' own ``from_pretrained`` (hub ids or local dirs) and wrap it.
 
+        ``EditedModel.from_pretrained(saved_dir)`` alone reloads a directory written by `save`: the base
+        model is the one its ``edited_model.json`` names (a shipped model by its registered name, else
+        the HF id or directory it was loaded from), the memory is the directory's.
         ``durable``: see `wrap` (a ``memory`` directory opened with `EditMemory.open`)."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         from ..pretrained import is_pretrained_name, pretrained_path
+
+        saved = (
+            read_meta(Path(model_id_or_path)) if memory is None and Path(model_id_or_path).is_dir() else None
+        )
+        if saved is not None:  # a saved wrapper directory: its base model, then its memory
+            base = saved.get("name_or_path")
+            if not isinstance(base, str) or not base:
+                raise ConfigError(
+                    f"{model_id_or_path} was saved from a model with no id or directory; pass the base "
+                    "model first: from_pretrained(base, memory=dir)"
+                )
+            return cls.from_pretrained(
+                base,
+                memory=model_id_or_path,
+                encoder=encoder,
+                config=config,
+                processor=processor,
+                durable=durable,
+                **hf_kwargs,
+            )
 
         if is_pretrained_name(model_id_or_path):  # a model shipped inside the package
             model_id_or_path = pretrained_path(str(model_id_or_path))
@@ -223,21 +266,55 @@ class EditedModel:
             return None
 
     # ---- inference -------------------------------------------------------------------------------
-    def generate(self, images: Any = None, prompts: Any = None, *, route_images: Any = None,
-                 route_texts: Any = None, route_keys: Any = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        images: Any = None,
+        prompts: Any = None,
+        *,
+        route_images: Any = None,
+        route_texts: Any = None,
+        route_keys: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         """``base.generate`` with each in-scope row's edit injected; the bare call when no row is in scope.
 
         Either ``images=``/``prompts=`` (inputs are built and routed for you) or processor outputs
         plus ``route_texts=`` (and ``route_images=``) or ``route_keys=`` (keys from a previous route).
         """
-        return self._inject.call(self.memory, True, images, prompts, route_images, route_texts, route_keys,
-                                 kwargs, getattr(self._local, "disabled", 0) > 0)
+        return self._inject.call(
+            self.memory,
+            True,
+            images,
+            prompts,
+            route_images,
+            route_texts,
+            route_keys,
+            kwargs,
+            getattr(self._local, "disabled", 0) > 0,
+        )
 
-    def forward(self, images: Any = None, prompts: Any = None, *, route_images: Any = None,
-                route_texts: Any = None, route_keys: Any = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        images: Any = None,
+        prompts: Any = None,
+        *,
+        route_images: Any = None,
+        route_texts: Any = None,
+        route_keys: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         """``base.forward`` with per-row edits (logits cover the input tokens only, as in the bare call)."""
-        return self._inject.call(self.memory, False, images, prompts, route_images, route_texts, route_keys,
-                                 kwargs, getattr(self._local, "disabled", 0) > 0)
+        return self._inject.call(
+            self.memory,
+            False,
+            images,
+            prompts,
+            route_images,
+            route_texts,
+            route_keys,
+            kwargs,
+            getattr(self._local, "disabled", 0) > 0,
+        )
 
     __call__ = forward
 
@@ -274,8 +351,17 @@ class EditedModel:
             eid = int(res.edit_ids[i])
             ans = self._routed_answer(eid, int(res.versions[i])) if eid >= 0 else None
             out.append(
-                Retrieval(i, eid, int(res.versions[i]), float(res.scores[i]), float(res.thresholds[i]),
-                          float(res.margins[i]), ans, res.explain(i)))
+                Retrieval(
+                    i,
+                    eid,
+                    int(res.versions[i]),
+                    float(res.scores[i]),
+                    float(res.thresholds[i]),
+                    float(res.margins[i]),
+                    ans,
+                    res.explain(i),
+                )
+            )
         return out
 
     def _routed_answer(self, edit_id: int, version: int) -> str | None:
@@ -299,9 +385,16 @@ class EditedModel:
             self._local.disabled -= 1
 
     # ---- edits -----------------------------------------------------------------------------------
-    def add_edit(self, image: Any, question: str, answer: str, positives: Sequence[Any] | None = None,
-                 tune: TuneMode | None = None, metadata: dict[str, Any] | None = None,
-                 edit_id: int | None = None) -> int:
+    def add_edit(
+        self,
+        image: Any,
+        question: str,
+        answer: str,
+        positives: Sequence[Any] | None = None,
+        tune: TuneMode | None = None,
+        metadata: dict[str, Any] | None = None,
+        edit_id: int | None = None,
+    ) -> int:
         """Add an edit to the memory with its compiled adapter attached (live at the next call, and stored
         before this returns); optionally tune it."""
         tune = self._tune_mode(tune)
@@ -310,8 +403,15 @@ class EditedModel:
         check_text(question, "question"), check_text(answer, "answer")  # before the tokenizer sees them
         self.runtime.statement_ids(question, answer)  # validate before anything is written
         eid = int(  # positives and metadata are validated by the memory (None means none)
-            self.memory.add(image=image, question=question, answer=answer, positives=positives,
-                            metadata=metadata, edit_id=edit_id))
+            self.memory.add(
+                image=image,
+                question=question,
+                answer=answer,
+                positives=positives,
+                metadata=metadata,
+                edit_id=edit_id,
+            )
+        )
         try:
             self._adapters.attach(self.memory, eid)
             if tune == "sync":
@@ -351,8 +451,12 @@ class EditedModel:
                 logger.info("edit %d changed during tuning; tuned v%d discarded", edit_id, version)
             else:
                 if not report.exact:  # still kept: it is the best-margin point, never worse than compiled
-                    logger.warning("edit %d v%d: tuning stopped short of an exact match (margin %.3f)",
-                                   edit_id, version, report.min_margin)
+                    logger.warning(
+                        "edit %d v%d: tuning stopped short of an exact match (margin %.3f)",
+                        edit_id,
+                        version,
+                        report.min_margin,
+                    )
                 self.memory.attach(edit_id, ADAPTER_KIND, tuned.to_bytes(), version=version)
             self.tune_reports[edit_id] = report
         return report
@@ -360,7 +464,11 @@ class EditedModel:
     def _examples(self, edit: Any) -> list[tuple[Any, str]]:
         cfg = self.edit_config
         return tuning_examples(
-            self.memory, edit, cfg.n_paraphrases, cfg.n_augmented_images, cfg.adapters.max_examples,
+            self.memory,
+            edit,
+            cfg.n_paraphrases,
+            cfg.n_augmented_images,
+            cfg.adapters.max_examples,
             n_unrelated=cfg.n_unrelated_questions,
         )
 
@@ -406,7 +514,9 @@ class EditedModel:
 
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Save the memory (adapters included) and this wrapper's config; reload with ``from_pretrained``."""
+        """Save the memory (adapters included) and this wrapper's config; reload with
+        ``EditedModel.from_pretrained(directory)`` (the base model the saved meta names) or
+        ``EditedModel.wrap(model, processor, memory=directory)``."""
         d = Path(directory)
         if "\x00" in str(d) or (os.path.lexists(d) and not d.is_dir()):
             raise InvalidInputError(f"cannot save into {str(d)!r}: not a directory")
@@ -417,9 +527,13 @@ class EditedModel:
     def save_meta(self, directory: str | Path) -> None:
         """Write ``edited_model.json`` (base model identity and this config) into ``directory``, beside a
         memory kept in ``directory/memory`` by other means (a durable memory journaling there)."""
-        write_meta(Path(directory), self.family.model_type, self.runtime.fingerprint, self.base_model,
-                   self.edit_config)
-
+        write_meta(
+            Path(directory),
+            self.family.model_type,
+            self.runtime.fingerprint,
+            self.base_model,
+            self.edit_config,
+        )
 
     def close(self) -> None:
         """Finish background tuning; a memory this wrapper opened durably is snapshotted and unlocked."""
@@ -428,4 +542,3 @@ class EditedModel:
             self._executor = None
         if getattr(self, "_owns_memory", False):  # opened durably by wrap: snapshot, release the lock
             self.memory.close()
-
