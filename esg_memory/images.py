@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,21 +119,45 @@ def _read_path(image: str | os.PathLike, allowed_root: str | os.PathLike | None)
         raise ImageError(f"not a usable image path ({e})") from None
     path = _resolve(path, allowed_root)
     try:
-        size = path.stat().st_size
+        # O_NONBLOCK: a FIFO planted where a picture should be must not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageError(f"image file not found: {str(path)!r}") from None
     except OSError as e:
         raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
-    if not path.is_file():
-        raise ImageError(f"not a regular file: {str(path)!r}")
-    if size > MAX_IMAGE_BYTES:
-        raise ImageError(f"{str(path)!r}: {size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_IMAGE_BYTES + 1)  # a file grown since stat is still refused by size
-    except OSError as e:  # permissions, or the file vanished after stat
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"not a regular file: {str(path)!r}")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{str(path)!r}: {st.st_size} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+        if allowed_root is not None:
+            # check what was opened, not what the path named a moment earlier: a symlink swapped in
+            # between the resolve above and the open would otherwise escape the root
+            _check_opened(fd, st, path, Path(allowed_root).resolve())
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)  # a file grown since fstat is still refused by size
+    except OSError as e:  # permissions, or the file vanished
         raise ImageError(f"image file unreadable: {str(path)!r} ({e.strerror})") from None
+    finally:
+        os.close(fd)
     return data, repr(str(path))
+
+
+def _check_opened(fd: int, st: os.stat_result, path: Path, root: Path) -> None:
+    """`ImageError` unless the file open as ``fd`` lies inside ``root``."""
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))  # Linux: the path of what is open
+    except OSError:  # no /proc: the opened file must be the one the checked path names now
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise ImageError(f"image path {str(path)!r} changed while it was opened") from None
+        return
+    if real != root and root not in real.parents:
+        raise ImageError(f"image path {str(path)!r} resolves outside the allowed root {str(root)!r}")
 
 
 def _not_an_image(image: object) -> ImageError:

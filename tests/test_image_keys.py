@@ -150,3 +150,26 @@ def test_routing_a_pil_image_never_png_encodes_it_and_blob_ids_are_unchanged(tmp
     _no_png(monkeypatch)
     routed = mem.route([img.copy(), shape_image("red", "circle")], ["what shape is this?"] * 2)
     assert routed.edit_ids.tolist() == [by_pil, by_pil]
+
+
+def test_allowed_root_is_checked_on_the_file_opened(tmp_path, monkeypatch):
+    # a symlink swapped in after the path was resolved must not let a read escape the root: the check
+    # runs on what was opened (simulated: the resolve step sees the path as it was before the swap)
+    from pathlib import Path
+
+    root, outside = tmp_path / "root", tmp_path / "secret.png"
+    root.mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(outside)
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(root / "ok.png")
+    assert images.load_image("ok.png", allowed_root=root).image.getpixel((0, 0)) == (9, 9, 9)
+    (root / "swapped.png").symlink_to(outside)
+    with pytest.raises(ImageError, match="outside the allowed root"):
+        images.load_image("swapped.png", allowed_root=root)  # refused by the resolve check already
+    def seen_before_the_swap(path, allowed_root):  # the resolve step, as it saw the path before the swap
+        return path if allowed_root is None else Path(allowed_root) / path
+
+    monkeypatch.setattr(images, "_resolve", seen_before_the_swap)
+    with pytest.raises(ImageError, match="outside the allowed root"):
+        images.load_image("swapped.png", allowed_root=root)
+    assert images.load_image("ok.png", allowed_root=root).image.getpixel((0, 0)) == (9, 9, 9)
+    assert images.load_image(outside).image.getpixel((0, 0)) == (1, 2, 3)  # no root: any path
