@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import ImageError
 
@@ -32,6 +32,7 @@ __all__ = [
     "ImageLike",
     "KeyedImage",
     "LoadedImage",
+    "decode_image",
     "image_from_bytes",
     "keyed_image",
     "load_image",
@@ -71,7 +72,9 @@ def _decode(data: bytes, what: str) -> Image.Image:
                     f"{what}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS}-pixel limit"
                 )
             img.load()
-            rgb = img.convert("RGB")
+            # a camera's EXIF orientation is how the picture is meant to be seen (and what a model
+            # should see); the stored bytes, and so the blob id, stay as given
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -79,6 +82,11 @@ def _decode(data: bytes, what: str) -> Image.Image:
     except Exception as e:  # pillow raises many types for bad bytes; all mean the same to a caller
         raise ImageError(f"{what}: not a decodable image ({type(e).__name__}: {e})") from None
     return rgb
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """RGB pixels of encoded image bytes: size limits, decodable formats only, EXIF orientation applied."""
+    return _decode(bytes(data), what)
 
 
 def image_from_bytes(data: bytes, what: str = "image") -> LoadedImage:

@@ -173,3 +173,19 @@ def test_allowed_root_is_checked_on_the_file_opened(tmp_path, monkeypatch):
         images.load_image("swapped.png", allowed_root=root)
     assert images.load_image("ok.png", allowed_root=root).image.getpixel((0, 0)) == (9, 9, 9)
     assert images.load_image(outside).image.getpixel((0, 0)) == (1, 2, 3)  # no root: any path
+
+
+def test_exif_orientation_is_honoured_and_the_bytes_kept():
+    import io
+
+    im = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    data = buf.getvalue()
+    got = load_image(data)
+    assert got.image.size == (20, 40)  # as a viewer shows it
+    assert got.data == data and got.sha256 == hashlib.sha256(data).hexdigest()  # stored as given
+    assert images.decode_image(data).size == (20, 40)
+    assert keyed_image(data).rgb().size == (20, 40)  # what the encoders see

@@ -10,17 +10,15 @@ memory's committed store.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..augment import augment_image, question_templates
 from ..config import MemoryConfig
 from ..errors import InvalidInputError
-from ..images import load_image
+from ..images import decode_image, load_image
 from ..scope import DEFAULT_LOCALITY_TEXTS, GENERIC_QUESTIONS
 from ..types import EditVersion
 from ..validate import check_keys, check_text
@@ -127,7 +125,7 @@ class EditEncoder:
                 rows.append((img, t))
                 labels.append(f"template {j}")
         if img is not None and cfg.n_image_positives:
-            pil = Image.open(io.BytesIO(img)).convert("RGB")
+            pil = decode_image(img, "edit image")
             for j, aug in enumerate(augment_image(pil, cfg.n_image_positives, seed=edit_seed(cfg.seed, v))):
                 rows.append((aug, q))
                 labels.append(f"augment {j}")

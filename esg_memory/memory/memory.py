@@ -12,7 +12,6 @@ why scopes are a function of the current set of edits (which makes `delete` exac
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from index import UnitRows
 
 from ..config import SETTLE_MODES, MemoryConfig, SettleMode
 from ..errors import ConfigError, ImageError, InvalidInputError
-from ..images import ImageLike
+from ..images import ImageLike, decode_image
 from ..types import Conflict, Edit, EditVersion, FeedbackOutcome, RouteResult
 from ..validate import check_encoder, route_rows, unit_keys
 from .committed import Committed
@@ -351,7 +350,7 @@ class EditMemory:
             data = self._state.blobs.get(sha256) if isinstance(sha256, str) else None
         if data is None:
             raise ImageError(f"no stored image with sha256 {sha256!r}")
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        return decode_image(data, f"stored image {sha256[:12]}")
 
     def keys_of(self, edit_id: int) -> tuple[np.ndarray, np.ndarray]:
         """The edit's fitted keys (n, dim) and thresholds (n,) (copies)."""
