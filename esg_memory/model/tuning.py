@@ -123,7 +123,9 @@ def tune_prefix(
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     t0 = time.perf_counter()
     loss_v, margin_v, exact, step = float("nan"), float("-inf"), False, 0
-    best: tuple[float, dict[str, torch.Tensor]] = (float("-inf"), {})
+    # the best point kept if the budget runs out: first the edit's own input (row 0) clearing the margin,
+    # then the smallest margin over every example (an edit must at least answer its own input)
+    best: tuple[tuple[float, float], dict[str, torch.Tensor]] = ((float("-inf"), float("-inf")), {})
     with torch.enable_grad():
         for step in range(1, cfg.max_steps + 1):
             rounded = {k: _round_st(p, sdtype) for k, p in params.items()}
@@ -143,10 +145,12 @@ def tune_prefix(
             with torch.no_grad():
                 gold = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
                 other = logits.scatter(-1, tgt.unsqueeze(-1), float("-inf")).amax(-1)
-                margin_v = float((gold - other).min())
+                rows = (gold - other).amin(-1)
+                margin_v = float(rows.min())
+                key = (min(float(rows[0]), cfg.margin), margin_v)
             loss_v = float(loss.detach())
-            if margin_v > best[0]:  # keep the best verified values in case the budget runs out
-                best = (margin_v, {k: p.detach().clone() for k, p in params.items()})
+            if key > best[0]:  # keep the best verified values in case the budget runs out
+                best = (key, {k: p.detach().clone() for k, p in params.items()})
             if margin_v >= cfg.margin:
                 exact = True
                 break
@@ -155,7 +159,7 @@ def tune_prefix(
                 p.grad = g
             opt.step()
             opt.zero_grad(set_to_none=True)
-    margin_v = best[0]
+    margin_v = best[0][1]
     params = best[1]
     stored = {k: p.detach().to(sdtype).cpu() for k, p in params.items()}
     tuned = Adapter(kind, base.edit_id, base.version, runtime.fingerprint, base.token_ids, stored, exact)
