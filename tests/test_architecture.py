@@ -159,3 +159,42 @@ def test_no_prefixed_flat_modules():
         if p.name.startswith(("_memory_", "serve_", "_model_"))
     )
     assert flat == []
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    import sys
+
+    out: dict[str, set[str]] = {}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                for n in names:
+                    top = n.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in PACKAGES:
+                        out.setdefault(top, set()).add(str(p.relative_to(ROOT)))
+    return out
+
+
+def test_every_imported_package_is_declared():
+    # "declare everything you import": each third-party module the library imports belongs to a
+    # distribution named in pyproject.toml (dependencies or an extra), not only to a dependency's dependency
+    import re
+    from importlib.metadata import packages_distributions
+
+    declared = {
+        re.split(r"[<>=!~\[; ]", spec.strip().strip('"'))[0].lower().replace("_", "-")
+        for spec in re.findall(r'"([A-Za-z0-9_.\-]+[^"]*)"', (ROOT / "pyproject.toml").read_text())
+    }
+    dists = packages_distributions()
+    missing = {}
+    for mod, where in _third_party_imports().items():
+        names = {d.lower().replace("_", "-") for d in dists.get(mod, [])}
+        assert names, f"{mod} (imported by {sorted(where)[:2]}) is not installed"
+        if not names & declared:
+            missing[mod] = sorted(names)
+    assert missing == {}, missing
