@@ -201,34 +201,31 @@ class EditedModel:
     # ---- nn.Module-like calls: they act on the base model and return the wrapper (peft's contract), so
     # ``em = em.to("cuda")`` keeps its edits. K/V prefixes are cached per device and dtype, and adapters
     # are identified by architecture alone, so a moved or cast model injects the same edits.
+    def _on_base(self, method: str, *args: Any, **kwargs: Any) -> EditedModel:
+        getattr(self.base_model, method)(*args, **kwargs)
+        return self
+
     def to(self, *args: Any, **kwargs: Any) -> EditedModel:
         """``base_model.to(...)`` (device and/or dtype); returns this wrapper."""
-        self.base_model.to(*args, **kwargs)
-        return self
+        return self._on_base("to", *args, **kwargs)
 
     def cuda(self, device: Any = None) -> EditedModel:
-        self.base_model.cuda(device)
-        return self
+        return self._on_base("cuda", device)
 
     def cpu(self) -> EditedModel:
-        self.base_model.cpu()
-        return self
+        return self._on_base("cpu")
 
     def half(self) -> EditedModel:
-        self.base_model.half()
-        return self
+        return self._on_base("half")
 
     def bfloat16(self) -> EditedModel:
-        self.base_model.bfloat16()
-        return self
+        return self._on_base("bfloat16")
 
     def float(self) -> EditedModel:
-        self.base_model.float()
-        return self
+        return self._on_base("float")
 
     def eval(self) -> EditedModel:
-        self.base_model.eval()
-        return self
+        return self._on_base("eval")
 
     def _attach_adapters(self) -> None:
         """On loading a memory: an edit whose current version has no stored adapter (or one for another
