@@ -12,6 +12,7 @@ import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
 
 from esg_memory.config import JournalConfig, MemoryConfig
+from esg_memory.errors import ConfigError
 from esg_memory.memory import EditMemory
 from esg_memory.memory.plan import Plan
 from esg_memory.memory.settle import WriterMutex
@@ -189,3 +190,18 @@ def test_a_waiting_writer_interrupts_background_settling(monkeypatch):
     m.settle()
     assert not m.pending_refits and m.last_settle_error is None
     assert state(m) == state(built([e for e in EDITS if e["edit_id"] not in (first, second)]))
+
+
+def test_the_settle_mode_of_a_live_memory_can_change():
+    m = built(EDITS, "manual")
+    first = victim_of(m)
+    m.delete(first)
+    assert first in m.pending_refits
+    m.set_settle("sync")  # pending deletes finish first, under the mode they were made in
+    assert not m.pending_refits and m.config.settle == "sync"
+    second = victim_of(m)
+    m.delete(second)
+    assert not m.pending_refits  # sync: re-fitted inside the call
+    assert state(m) == state(built([e for e in EDITS if e["edit_id"] not in (first, second)]))
+    with pytest.raises(ConfigError):
+        m.set_settle("later")
