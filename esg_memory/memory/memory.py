@@ -186,15 +186,6 @@ class EditMemory:
             raise InvalidInputError("the commit hook must be callable or None")
         self._writer.hook = hook
 
-    def apply(self, change: Change) -> None:
-        """Install a change already decided elsewhere (replayed, or read from another writer's log).
-
-        The same installation a live write ends with; nothing is planned or journaled.
-        """
-        with self._writer.wlock, self._lock:
-            self._state.install(change)
-            self._writer.origin = None
-
     def add(
         self,
         image: ImageLike | None = None,

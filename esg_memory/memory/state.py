@@ -134,8 +134,8 @@ class LocalityPool:
     """
 
     keys: np.ndarray
-    images: tuple[str, ...] = ()
-    image_vecs: np.ndarray | None = None
+    images: tuple[str, ...]
+    image_vecs: np.ndarray
 
     @classmethod
     def empty(cls, dim: int) -> LocalityPool:
