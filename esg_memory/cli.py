@@ -241,7 +241,8 @@ def cmd_eval(s: _Session, args: argparse.Namespace) -> int:
         data=args.data,
         image_root=args.image_root,
         pool_dir=args.pool_dir,
-        model=args.eval_model or args.model,
+        # likewise the global --model: by default each kind gets its world's model
+        model=args.eval_model or (args.model if args.model != DEFAULT_MODEL else None),
         # the global --clip has a default; only an explicit choice overrides the per-kind encoder
         clip=args.eval_clip or (args.clip if args.clip != DEFAULT_ENCODER else None),
         edits=args.edits,
@@ -398,12 +399,16 @@ def _add_eval_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="evaluation harness: EasyEdit-style metrics, edit streams, baselines (docs/eval.md)",
     )
-    sp.add_argument("--data", help="JSON file of edit records (not needed for --kind easyvqa)")
+    sp.add_argument("--data", help="JSON file of edit records (not needed for --kind easyvqa or scenes)")
     sp.add_argument("--kind", choices=DATA_KINDS, default="easyvqa", help="record format (default easyvqa)")
-    sp.add_argument("--model", dest="eval_model", default=None, help="ID|PATH|tiny-llava (default: --model)")
+    sp.add_argument(
+        "--model", dest="eval_model", default=None,
+        help="ID|PATH|NAME (default by kind: esg-scenes-llava for scenes, else --model)",
+    )
     sp.add_argument(
         "--clip", dest="eval_clip", default=None,
-        help="NAME[:WEIGHTS] key encoder (default by kind: esg-easyvqa-clip, subject-id+minilm or minilm)",
+        help="NAME[:WEIGHTS] key encoder (default by kind: esg-easyvqa-clip, esg-scenes-clip, "
+        "subject-id+minilm or minilm)",
     )
     sp.add_argument("--edits", type=int, default=100, help="stream length N (> 1000 needs --big)")
     sp.add_argument("--protocol", choices=["immediate", "retention", "both"], default="both")

@@ -5,6 +5,7 @@ takes):
 
 - ``"tiny-llava"`` / ``"esg-easyvqa-llava"``: the embedded default, a small LLaVA trained on
   easy-vqa and shipped inside the package;
+- ``"esg-scenes-llava"``: a small LLaVA trained on the scenes world (`esg_memory.worlds`), shipped too;
 - ``"tiny-random-llava"``, ``"tiny-random-llava_next"``, ``"tiny-random-qwen2_vl"``,
   ``"tiny-random-qwen2_5_vl"``: seeded random tiny models built from configs (mechanics only);
 - an HF model id or a local directory.
@@ -54,10 +55,13 @@ def register_model_spec(name: str, factory: Callable[[], tuple[Any, Any]]) -> No
     MODEL_SPECS.register(name, factory, overwrite=True)
 
 
-def _shipped_llava() -> tuple[Any, Any]:
-    from .pretrained import load_easyvqa_llava
+def _shipped(name: str) -> Callable[[], tuple[Any, Any]]:
+    def load() -> tuple[Any, Any]:
+        from .pretrained import load_shipped_llava
 
-    return load_easyvqa_llava()
+        return load_shipped_llava(name)
+
+    return load
 
 
 def _random(model_type: str) -> Callable[[], tuple[Any, Any]]:
@@ -69,8 +73,9 @@ def _random(model_type: str) -> Callable[[], tuple[Any, Any]]:
     return build
 
 
-register_model_spec("tiny-llava", _shipped_llava)
-register_model_spec("esg-easyvqa-llava", _shipped_llava)
+register_model_spec("tiny-llava", _shipped("esg-easyvqa-llava"))
+register_model_spec("esg-easyvqa-llava", _shipped("esg-easyvqa-llava"))
+register_model_spec("esg-scenes-llava", _shipped("esg-scenes-llava"))
 for _mt in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
     register_model_spec(f"tiny-random-{_mt}", _random(_mt))
 
@@ -112,13 +117,20 @@ def load_encoder(spec: str | None = None) -> Any:
 
 
 def new_memory(encoder: Any, encoder_spec: str | None = None) -> Any:
-    """An empty `EditMemory` for ``encoder``, with the shipped easy-vqa locality pool and its
-    recommended config when the encoder is the shipped easy-vqa CLIP (its domain is known, so
-    "same question, other picture" negatives can be given); the library defaults otherwise."""
+    """An empty `EditMemory` for ``encoder``, with its domain's locality pool and recommended config
+    when the encoder is a shipped CLIP (``esg-easyvqa-clip``: the shipped easy-vqa pool;
+    ``esg-scenes-clip``: the scenes world's pool), so "same question, other picture" negatives can be
+    given; the library defaults otherwise."""
     from .memory import EditMemory
 
-    if (encoder_spec or DEFAULT_ENCODER) == "esg-easyvqa-clip":
+    spec = encoder_spec or DEFAULT_ENCODER
+    if spec == "esg-easyvqa-clip":
         from .pretrained import easyvqa_locality_pool, easyvqa_memory_config
 
         return EditMemory(encoder, config=easyvqa_memory_config(), locality_pool=easyvqa_locality_pool())
+    if spec == "esg-scenes-clip":
+        from .pretrained import scenes_memory_config
+        from .worlds import scenes_locality_pool
+
+        return EditMemory(encoder, config=scenes_memory_config(), locality_pool=scenes_locality_pool())
     return EditMemory(encoder)

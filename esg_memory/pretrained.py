@@ -50,6 +50,8 @@ __all__ = [
     "PRETRAINED",
     "PRETRAINED_NAMES",
     "PROMPT_TEMPLATE",
+    "SCENES_CLIP",
+    "SCENES_LLAVA",
     "ClipSpec",
     "caption",
     "derive_subjects",
@@ -60,21 +62,27 @@ __all__ = [
     "is_pretrained_name",
     "list_pretrained",
     "load_easyvqa_llava",
+    "load_shipped_llava",
     "pretrained_info",
     "pretrained_name_of",
     "pretrained_path",
+    "scenes_memory_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 EASYVQA_CLIP = "esg-easyvqa-clip"
 EASYVQA_LLAVA = "esg-easyvqa-llava"
+SCENES_CLIP = "esg-scenes-clip"
+SCENES_LLAVA = "esg-scenes-llava"
 _ASSETS = Path(__file__).resolve().parent / "assets"
 #: The shipped models, each by the folder of ``esg_memory/assets/`` it lives in (one `Registry`, like
 #: every name table of the library).
 PRETRAINED: Registry[str] = Registry("shipped model")
 PRETRAINED.register(EASYVQA_CLIP, EASYVQA_CLIP)
 PRETRAINED.register(EASYVQA_LLAVA, EASYVQA_LLAVA)
+PRETRAINED.register(SCENES_CLIP, SCENES_CLIP)
+PRETRAINED.register(SCENES_LLAVA, SCENES_LLAVA)
 PRETRAINED_NAMES: tuple[str, ...] = tuple(PRETRAINED.names())
 #: The shipped locality pool of the easy-vqa domain (train-split pictures; not a model, so not in
 #: ``PRETRAINED_NAMES``).
@@ -124,7 +132,7 @@ def pretrained_path(name: str) -> Path:
     if not (d / _INFO_FILE).is_file():
         raise ConfigError(
             f"the shipped model {name!r} is missing from {str(d)!r} (a partial install?); "
-            "rebuild it with scripts/train_default_models.py"
+            "rebuild it with scripts/train_default_models.py or scripts/train_scenes_models.py"
         )
     return d
 
@@ -200,9 +208,16 @@ def easyvqa_clip_spec() -> ClipSpec:
 
 
 def load_easyvqa_llava(dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, processor)`` of the shipped easy-vqa LLaVA, offline, eval mode.
+    """``(model, processor)`` of the shipped easy-vqa LLaVA, offline, eval mode (`load_shipped_llava`)."""
+    return load_shipped_llava(EASYVQA_LLAVA, dtype, device)
+
+
+def load_shipped_llava(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, processor)`` of a shipped LLaVA (``esg-easyvqa-llava``, ``esg-scenes-llava``), offline,
+    eval mode.
 
     Args:
+        name: the shipped name.
         dtype: torch dtype of the loaded model; default float32 (the weights are stored in fp16,
             which CPUs run slowly and less exactly).
         device: torch device.
@@ -210,7 +225,9 @@ def load_easyvqa_llava(dtype: Any = None, device: str = "cpu") -> tuple[Any, Any
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    d = pretrained_path(EASYVQA_LLAVA)
+    if name not in (EASYVQA_LLAVA, SCENES_LLAVA):
+        raise ConfigError(f"{name!r} is not a shipped LLaVA ({EASYVQA_LLAVA}, {SCENES_LLAVA})")
+    d = pretrained_path(name)
     dtype = torch.float32 if dtype is None else dtype
     try:
         model = LlavaForConditionalGeneration.from_pretrained(str(d), dtype=dtype, local_files_only=True)
@@ -315,6 +332,20 @@ def easyvqa_memory_config(**overrides: Any) -> Any:
     # same colour and another shape mostly below: 0.85 (vs the library's 0.9) keeps more of the pool's
     # own-subject pictures out of the negatives. Chosen on train-split edit streams, not the test split.
     fields = {"n_pool_images": _POOL_HARD_IMAGES, "hard_negative_max_image_sim": 0.85, **overrides}
+    try:
+        return MemoryConfig(**fields)
+    except TypeError as e:
+        raise ConfigError(f"not a MemoryConfig field: {e}") from None
+
+
+def scenes_memory_config(**overrides: Any) -> Any:
+    """The recommended :class:`~esg_memory.config.MemoryConfig` for the scenes world with its shipped CLIP
+    and `esg_memory.worlds.scenes_locality_pool`: 64 pool pictures crossed with each edit's question (the
+    same question on other scenes as negatives; pool subjects are never edited, so none is the edit's
+    own subject). ``overrides`` are further ``MemoryConfig`` fields."""
+    from .config import MemoryConfig
+
+    fields = {"n_pool_images": 64, **overrides}
     try:
         return MemoryConfig(**fields)
     except TypeError as e:

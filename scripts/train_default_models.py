@@ -132,8 +132,9 @@ def tokenizer_corpus(train: Split) -> list[str]:
     return lines
 
 
-def build_tokenizers(train: Split, vocab_size: int):
-    """(LLaVA tokenizer: ``<s> $A``, CLIP tokenizer: lowercased, ``<s> $A </s>``), one vocabulary."""
+def build_tokenizers(corpus: list[str], vocab_size: int):
+    """(LLaVA tokenizer: ``<s> $A``, CLIP tokenizer: lowercased, ``<s> $A </s>``), one vocabulary
+    learnt from the ``corpus`` lines."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -146,7 +147,7 @@ def build_tokenizers(train: Split, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tokenizer_corpus(train), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     kw = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -164,7 +165,7 @@ def build_tokenizers(train: Split, vocab_size: int):
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
-def clip_config(vocab_size: int, eos_id: int, pad_id: int, patch: int) -> dict:
+def clip_config(vocab_size: int, eos_id: int, pad_id: int, patch: int, name: str = EASYVQA_CLIP) -> dict:
     return {
         "model_cfg": {
             "embed_dim": 64,
@@ -175,7 +176,7 @@ def clip_config(vocab_size: int, eos_id: int, pad_id: int, patch: int) -> dict:
                 "context_length": 32,
                 "vocab_size": vocab_size,
                 # any non-empty value: under 'local-dir:' open_clip loads the tokenizer from that dir
-                "hf_tokenizer_name": EASYVQA_CLIP,
+                "hf_tokenizer_name": name,
                 "width": 128,
                 "heads": 4,
                 "layers": 2,
@@ -603,15 +604,21 @@ def _publish(d: Path) -> None:
         f.chmod(0o644)
 
 
-def _info(name: str, kind: str, args, train_s: float, n_params: int, figures: dict) -> dict:
+_DATA = "easy-vqa 1.0 (PyPI, MIT): train split; figures on the test split"
+
+
+def _info(
+    name: str, kind: str, args, train_s: float, n_params: int, figures: dict, data: str = _DATA,
+    script: str = "scripts/train_default_models.py",
+) -> dict:
     import transformers
 
     return {
         "format_version": 1,
         "name": name,
         "kind": kind,
-        "data": "easy-vqa 1.0 (PyPI, MIT): train split; figures on the test split",
-        "script": "scripts/train_default_models.py",
+        "data": data,
+        "script": script,
         "seed": args.seed,
         "threads": args.threads,
         "train_seconds": round(train_s, 1),
@@ -655,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     train, test = Split("train"), Split("test")
-    llava_tok, clip_tok = build_tokenizers(train, args.vocab_size)
+    llava_tok, clip_tok = build_tokenizers(tokenizer_corpus(train), args.vocab_size)
     log.info("data + tokenizer (%d tokens) in %.1fs", len(llava_tok), time.time() - t0)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "clip"):

@@ -166,3 +166,40 @@ def test_easyvqa_set_structure():
     ]
     with pytest.raises(Exception, match=r"1\.\.312"):
         load_dataset("easyvqa", limit=313)
+
+
+def test_scenes_set_structure():
+    from esg_memory.eval.scenes import SCENES_MAX_EDITS
+    from esg_memory.worlds import ScenesWorld
+
+    world = ScenesWorld()
+    assert sum(
+        len(world.families(s)) for s in world.subjects if world.subject_split(s) == "train"
+    ) == SCENES_MAX_EDITS
+    ds = load_dataset("scenes", limit=12, seed=3)
+    assert ds.kind == "scenes" and ds.image_mode == "files" and len(ds.cases) == 12
+    assert len(ds.pool) == 256 and all(isinstance(im, bytes) and q for im, q in ds.pool)
+    pool_images = {im for im, _ in ds.pool}
+    for c in ds.cases:
+        assert isinstance(c.image, bytes) and c.image.startswith(b"\x89PNG")
+        assert c.target != c.pred and c.rephrase != c.question and c.target not in c.revisions[:-1]
+        assert c.revisions[-1] == c.pred  # the last revision: "it was right"
+        (im_g,) = c.image_rephrase
+        ((im_it, q_it),) = c.image_text_rephrase
+        assert im_g != c.image and im_it != c.image and q_it != c.question
+        kinds = [p.kind for p in c.generalization_probes()]
+        assert kinds == ["reliability", "t_gen", "i_gen", "i_t_gen"]
+        loc = {p.kind: p for p in c.locality_probes()}
+        assert loc["t_loc"].image is None and loc["m_loc"].image not in pool_images
+        if "hard_same_image" in loc:
+            assert loc["hard_same_image"].image == c.image and loc["hard_same_image"].question != c.question
+        if "hard_same_question" in loc:
+            assert loc["hard_same_question"].question == c.question
+        # fixed targets are the world's own answers (what the bare model should say)
+        assert all(p.target for p in c.locality_probes())
+    again = load_dataset("scenes", limit=12, seed=3)
+    assert [(c.image, c.question, c.target) for c in again.cases] == [
+        (c.image, c.question, c.target) for c in ds.cases
+    ]
+    with pytest.raises(Exception, match=r"1\.\.49254"):
+        load_dataset("scenes", limit=SCENES_MAX_EDITS + 1)

@@ -114,11 +114,14 @@ def test_where_and_what_are_aggregated_apart():
         probe_record("reliability", "five", good, None, 11, 11, 1, 3),  # no forced run: not counted
     ]
     agg = aggregate(recs)
-    assert agg["fidelity"] == {"reliability": None, "t_gen": 0.5, "i_gen": 1.0, "portability": None}
+    assert agg["fidelity"] == {
+        "reliability": None, "t_gen": 0.5, "i_gen": 1.0, "i_t_gen": None, "portability": None
+    }
     assert agg["routing"]["right_edit_by_kind"] == {
         "reliability": 1.0,
         "t_gen": 1.0,
         "i_gen": 0.0,
+        "i_t_gen": None,
         "portability": None,
     }
     assert agg["i_gen_em"] == 0.0 and agg["t_gen_em"] == 0.5

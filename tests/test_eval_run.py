@@ -13,7 +13,9 @@ from esg_memory.errors import ConfigError, InvalidInputError
 from esg_memory.eval import METHODS, EvalConfig, run_eval, strip_timings
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
-FILES = {"results.json", "results.md", "metrics_vs_edits.png", "scope_audit.png"}
+FILES = {
+    "results.json", "results.md", "metrics_vs_edits.png", "scope_audit.png", "scope_pareto.png", "probes.json"
+}
 METRICS = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
 
 
@@ -63,7 +65,22 @@ def test_easyvqa_run_writes_every_file_and_is_deterministic(tmp_path, shipped):
     f = on_disk["methods"]["ours"]["retention"]["fidelity"]
     assert all(f[k] is not None and 0 <= f[k] <= 1 for k in ("reliability", "t_gen", "i_gen"))
     assert on_disk["methods"]["bare"]["retention"]["routing"]["right_edit_by_kind"]["t_gen"] == 0.0
+    # where, on both axes: ours' point and every global rule's sweep, recomputable from probes.json
+    sc = on_disk["scope"]
+    probes = json.loads((tmp_path / "a" / "probes.json").read_text())["columns"]
+    assert len(probes["kind"]) == len(probes["ours_edit"]) == len(probes["joint_cosine"]) > 0
+    gen = [
+        k in ("reliability", "t_gen", "i_gen") and o >= 0
+        for k, o in zip(probes["kind"], probes["owner_anchor"], strict=True)
+    ]
+    assert sc["n_gen_probes"] == sum(gen)
+    assert sc["ours"]["recall"] == pytest.approx(ours["retention"]["routing"]["right_edit"])
+    assert sc["ours"]["leak"] == pytest.approx(ours["retention"]["routing"]["loc_any_edit"])
+    for name, curve in sc["curves"].items():
+        assert curve[-1]["recall"] == curve[-1]["leak"] == 0.0, name  # above every cosine: nothing fires
+        assert sc["oracle_at_our_leak"][name] >= 0.0
     md = (tmp_path / "a" / "results.md").read_text()
+    assert "## scope on both axes" in md
     assert "## immediate" in md and "## retention" in md and "| ours |" in md and "Where vs what" in md
 
     r2 = run_eval(cfg, tmp_path / "b", progress=False, model=model, encoder=enc)
@@ -156,7 +173,7 @@ def test_text_records_immediate_only(tmp_path):
         protocol="immediate",
     )
     res = run_eval(cfg, tmp_path, progress=False)
-    assert {p.name for p in tmp_path.iterdir()} == FILES
+    assert {p.name for p in tmp_path.iterdir()} == FILES - {"scope_pareto.png", "probes.json"}  # no retention
     ours = res["methods"]["ours"]
     assert ours["retention"] is None and ours["interaction"] is None
     imm = ours["immediate"]

@@ -29,6 +29,9 @@ def test_the_space_is_large_enough_for_10k_streams(world):
     assert len(world.subjects) == 7040 and world.pairs() >= 30_000
     held = sum(world.is_held_out(s) for s in world.subjects)
     assert 0.15 < held / len(world.subjects) < 0.25
+    halves = [world.subject_split(s) for s in world.subjects if world.is_held_out(s)]
+    assert set(halves) == {"pool", "test"} and 0.4 < halves.count("pool") / len(halves) < 0.6
+    assert all(world.subject_split(s) == "train" for s in world.subjects[:50] if not world.is_held_out(s))
     assert len({s.objects for s in world.subjects}) == len(world.subjects)  # each subject is one scene
 
 
@@ -51,7 +54,8 @@ def test_phrasings_are_split_and_families_ask_different_things(world):
 def test_nuisance_splits_do_not_overlap(world):
     tr = [world.nuisance("train", i, k) for i in range(60) for k in range(5)]
     ho = [world.nuisance("held_out", i, k) for i in range(60) for k in range(5)]
-    assert max(abs(n.rotation) for n in tr) <= 25 < 35 <= min(abs(n.rotation) for n in ho)
+    assert all(not 35 <= n.rotation % 90 < 55 for n in tr) and all(40 <= n.rotation % 90 < 50 for n in ho)
+    assert max(n.rotation for n in tr) - min(n.rotation for n in tr) > 300  # objects turned every way
     assert {n.background for n in tr}.isdisjoint({n.background for n in ho})
     assert {n.tint for n in tr}.isdisjoint({n.tint for n in ho})
     assert all(0.9 <= n.scale <= 1.1 for n in tr) and all(not 0.9 <= n.scale <= 1.1 for n in ho)
@@ -67,14 +71,14 @@ def test_renders_are_deterministic_and_vary_only_by_nuisance(world):
     a = world.render(s, "train", 0)
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, world.render(s, "train", 0))
-    # RENDER_VERSION 1, WORLD_VERSION 1: a change to any pixel must bump them
+    # RENDER_VERSION 2, WORLD_VERSION 2: a change to any pixel must bump them
     assert (
         hashlib.sha256(a.tobytes()).hexdigest()
-        == "9aa1b65d36471fc6aac72b55e5f83c0bced954f9758738c709c2198e16cf0e70"
+        == "611e2063583069724b88e964c5900d142c66e7e644de3d5e44d7b8cc837f0e3b"
     )
     held = world.render(world.subjects[5], "held_out", 3)
     assert hashlib.sha256(held.tobytes()).hexdigest() == (
-        "37f5be671319b7079549b6193cb42e5dd0c69b64e36e25a49078db5bf2f8a8e2"
+        "2850bc7d7786accda2ed24660bcbebdb007fa91852cae9c7316cc8123abc1423"
     )
     assert not np.array_equal(a, world.render(s, "train", 1))
     assert not np.array_equal(a, world.render(s, "held_out", 0))

@@ -188,3 +188,4 @@ def create_encoder(spec: str, **kwargs: Any) -> KeyEncoder:
 register_encoder(TINY_CLIP_NAME, lambda **kw: ClipKeyEncoder(TINY_CLIP_NAME, **kw))
 register_encoder("minilm", MiniLMTextEncoder)
 register_encoder("esg-easyvqa-clip", lambda **kw: ClipKeyEncoder("esg-easyvqa-clip", **kw))
+register_encoder("esg-scenes-clip", lambda **kw: ClipKeyEncoder("esg-scenes-clip", **kw))

@@ -8,10 +8,20 @@ from typing import Any
 
 from .metrics import ProbeOutput, exact_match, locality, mean_or_none, residue, scope_audit, token_accuracy
 
-__all__ = ["GEN_KINDS", "LOC_KINDS", "aggregate", "deletion_audit", "interaction_audit", "probe_record"]
+__all__ = [
+    "EDIT_GEN_KINDS",
+    "GEN_KINDS",
+    "LOC_KINDS",
+    "aggregate",
+    "deletion_audit",
+    "interaction_audit",
+    "probe_record",
+]
 
-#: Probes that should give the edit's answer (portability: the data's own answer).
-GEN_KINDS = ("reliability", "t_gen", "i_gen", "portability")
+#: Probes that should give the edit's (current) answer: its input and its generalizations.
+EDIT_GEN_KINDS = ("reliability", "t_gen", "i_gen", "i_t_gen")
+#: Probes that should give an answer (portability: the data's own answer).
+GEN_KINDS = (*EDIT_GEN_KINDS, "portability")
 #: Probes that should answer as the pre-edit model did.
 LOC_KINDS = ("t_loc", "m_loc", "hard_same_image", "hard_same_question")
 
@@ -69,7 +79,7 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for r in records:
         of[r["kind"]].append(r)
     out: dict[str, Any] = {}
-    for k in ("reliability", "t_gen", "i_gen", "portability"):
+    for k in GEN_KINDS:
         out[k] = mean_or_none([r["acc"] for r in of[k]])
         out[f"{k}_em"] = mean_or_none([r["em"] for r in of[k]])
     out["t_loc"] = mean_or_none([r["loc"] for r in of["t_loc"]])
@@ -84,10 +94,10 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not rel:
             continue
         reliable.append(all(rel))
-        general.append(all(r["em"] for r in recs if r["kind"] in ("t_gen", "i_gen")))
+        general.append(all(r["em"] for r in recs if r["kind"] in EDIT_GEN_KINDS[1:]))
         leaks.append(any(r["changed"] for r in recs if r["kind"] in LOC_KINDS))
     out["audit"] = scope_audit(reliable, general, leaks)
-    gen = [r for k in ("reliability", "t_gen", "i_gen") for r in of[k]]
+    gen = [r for k in EDIT_GEN_KINDS for r in of[k]]
     out["routing"] = {
         "right_edit": mean_or_none([r["owner_fired"] for r in gen]),
         "wrong_edit": mean_or_none([r["fired"] >= 0 and not r["owner_fired"] for r in gen]),

@@ -19,8 +19,8 @@ ImageRef = str | bytes | None
 class Probe:
     """One input the harness scores: ``(image, question)`` with a teacher-forced ``target``.
 
-    For generalization probes (``reliability``, ``t_gen``, ``i_gen``) ``target`` is None: they are
-    scored against the edit's *current* answer, which a revision changes.
+    For generalization probes (``reliability``, ``t_gen``, ``i_gen``, ``i_t_gen``) ``target`` is None:
+    they are scored against the edit's *current* answer, which a revision changes.
     """
 
     kind: str
@@ -47,6 +47,9 @@ class EditCase:
     """Rephrased question (T-Gen), same image."""
     image_rephrase: tuple[ImageRef, ...] = ()
     """Other pictures of the same subject (I-Gen), with the edit's question."""
+    image_text_rephrase: tuple[tuple[ImageRef, str], ...] = ()
+    """Another picture of the subject *and* a rephrased question at once (``i_t_gen``), where the data
+    has such pairs (the scenes world: held-out rendering x held-out phrasing)."""
     loc: Probe | None = None
     """Text-only unrelated question (T-Loc)."""
     m_loc: Probe | None = None
@@ -63,6 +66,7 @@ class EditCase:
         if self.rephrase:
             out.append(Probe("t_gen", self.image, self.rephrase))
         out += [Probe("i_gen", im, self.question) for im in self.image_rephrase]
+        out += [Probe("i_t_gen", im, q) for im, q in self.image_text_rephrase]
         return out
 
     def locality_probes(self) -> list[Probe]:

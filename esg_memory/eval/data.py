@@ -31,8 +31,10 @@ import numpy as np
 from ..errors import ImageError, InvalidInputError
 from .cases import EditCase, EvalDataset, ImageRef, Probe
 from .easyvqa import easyvqa_dataset
+from .scenes import scenes_dataset
 
 __all__ = [
+    "BUILT_IN_KINDS",
     "DATA_KINDS",
     "DatasetError",
     "EditCase",
@@ -51,7 +53,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What ``--kind`` accepts.
-DATA_KINDS = ("vqa", "caption", "vlkeb", "counterfact", "zsre", "easyvqa")
+DATA_KINDS = ("vqa", "caption", "vlkeb", "counterfact", "zsre", "easyvqa", "scenes")
+#: The kinds built in (no ``--data``), with the default edit count.
+BUILT_IN_KINDS = ("easyvqa", "scenes")
 
 _MMEDIT_FIELDS = (
     "src",
@@ -314,10 +318,13 @@ def load_dataset(
     ``path``, i.e. ``../shared/data`` for its files) when it holds the MMEdit pools."""
     if kind not in DATA_KINDS:
         raise InvalidInputError(f"unknown data kind {kind!r}; one of {', '.join(DATA_KINDS)}")
-    if kind == "easyvqa":
+    if kind in BUILT_IN_KINDS:
         if path is not None:
-            logger.warning("--kind easyvqa is built in; ignoring the data path %s", path)
-        return easyvqa_dataset(limit if limit is not None else 100, seed=seed)
+            logger.warning("--kind %s is built in; ignoring the data path %s", kind, path)
+        n = limit if limit is not None else 100
+        if kind == "scenes":
+            return scenes_dataset(n, seed=seed, progress=n >= 1000)
+        return easyvqa_dataset(n, seed=seed)
     if path is None:
         raise DatasetError(f"--kind {kind} needs --data PATH (a JSON file of records)")
     if kind in ("counterfact", "zsre"):

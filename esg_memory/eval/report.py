@@ -11,6 +11,7 @@ from typing import Any
 from index import atomic_write_bytes
 
 from ..errors import ConfigError
+from .aggregate import EDIT_GEN_KINDS
 
 __all__ = ["check_plotting", "environment", "render_markdown", "strip_timings", "write_outputs"]
 
@@ -18,6 +19,7 @@ _COLS = (
     ("reliability", "Rel"),
     ("t_gen", "T-Gen"),
     ("i_gen", "I-Gen"),
+    ("i_t_gen", "IT-Gen"),
     ("t_loc", "T-Loc"),
     ("m_loc", "M-Loc"),
     ("portability", "Port"),
@@ -27,6 +29,7 @@ _EM = (
     ("reliability_em", "Rel EM"),
     ("t_gen_em", "T-Gen EM"),
     ("i_gen_em", "I-Gen EM"),
+    ("i_t_gen_em", "IT-Gen EM"),
     ("portability_em", "Port EM"),
     ("loc_unchanged", "loc answers unchanged"),
 )
@@ -93,7 +96,7 @@ def render_markdown(res: dict[str, Any]) -> str:
             )
         kinds = [
             k
-            for k in ("reliability", "t_gen", "i_gen")
+            for k in EDIT_GEN_KINDS
             if any(v.get("fidelity", {}).get(k) is not None for v in rows.values())
         ]
         if kinds:
@@ -131,6 +134,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{de['n_deleted']} deleted edits; residue counts their probes that no longer answer exactly as "
         "the pre-edit model (0 is exact); 'routed' = some other edit fired on them.",
         "",
+        *scope_markdown(res.get("scope")),
     ]
     return "\n".join(lines)
 
@@ -195,9 +199,61 @@ def _plots(res: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> None:
-    """``results.json`` (atomic), ``results.md`` and the PNG plots into ``out``."""
+def _pareto(res: dict[str, Any], out: Path) -> list[str]:
+    """``scope_pareto.png``: every global rule's threshold sweep as a curve, ours as a point."""
+    sc = res.get("scope")
+    if not sc:
+        return []
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, curve in sc["curves"].items():
+        ax.plot([p["leak"] for p in curve], [p["recall"] for p in curve], label=f"{name} (sweep)")
+    o = sc["ours"]
+    ax.scatter([o["leak"]], [o["recall"]], color="black", zorder=5, label="ours (learned scope)")
+    ax.set(
+        xlabel="leak: any edit fires on a locality / hard-negative probe",
+        ylabel="recall: the right edit fires on a generalization probe",
+        title="scope after the stream (retention)",
+        xlim=(-0.01, 1.01), ylim=(-0.01, 1.01),
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.11, top=0.93)
+    fig.savefig(out / "scope_pareto.png", dpi=80)
+    plt.close(fig)
+    return ["scope_pareto.png"]
+
+
+def scope_markdown(sc: dict[str, Any] | None) -> list[str]:
+    """The scope section of ``results.md``: ours against each rule's sweep."""
+    if not sc:
+        return []
+    o = sc["ours"]
+    lines = [
+        "## scope on both axes (retention)",
+        "",
+        f"Ours: recall {o['recall']:.3f} (the right edit fires on {sc['n_gen_probes']} generalization "
+        f"probes), leak {o['leak']:.3f} (any edit fires on {sc['n_loc_probes']} locality / hard-negative "
+        "probes). Each rule's best recall at ours' leak or less is over its whole threshold sweep on these "
+        "very probes (an oracle threshold).",
+        "",
+        "| rule | best recall at ours' leak (oracle threshold) | ours above the whole curve |",
+        "|---|---|---|",
+    ]
+    for k in sc["curves"]:
+        beats = "yes" if sc["ours_beats"][k] else "no"
+        lines.append(f"| {k} | {_f(sc['oracle_at_our_leak'][k])} | {beats} |")
+    return [*lines, ""]
+
+
+def write_outputs(results: dict[str, Any], out: Path, probes: dict[str, Any] | None = None) -> None:
+    """``results.json`` (atomic), ``results.md``, the PNG plots and, given the per-probe table,
+    ``probes.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    results["files"] = ["results.json", "results.md", *_plots(results, out)]
+    results["files"] = ["results.json", "results.md", *_plots(results, out), *_pareto(results, out)]
+    if probes is not None:
+        doc = {"format": "esg-memory-eval-probes", "format_version": 1, "columns": probes}
+        atomic_write_bytes(out / "probes.json", json.dumps(doc).encode("utf-8"))
+        results["files"].append("probes.json")
     atomic_write_bytes(out / "results.md", render_markdown(results).encode("utf-8"))
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, sort_keys=False).encode("utf-8"))

@@ -24,11 +24,13 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import ConfigError
-from .aggregate import aggregate, deletion_audit, interaction_audit, probe_record
+from .aggregate import EDIT_GEN_KINDS, aggregate, deletion_audit, interaction_audit, probe_record
 from .baselines import METHODS, KeyViews, baseline_route
 from .cases import EvalDataset
 from .data import load_dataset
 from .protocols import Op, Scorer, plan_stream
+from .sweep import probe_table, scope_sweep
+from .timing import StageClock, TimedEncoder
 
 __all__ = ["CHECKPOINTS", "EvalConfig", "run_eval"]
 
@@ -37,7 +39,11 @@ logger = logging.getLogger(__name__)
 #: Stream sizes at which retention is measured (those below N, and N itself).
 CHECKPOINTS = (1, 10, 100, 1000, 10000)
 _BIG = 1000
-_GEN = ("reliability", "t_gen", "i_gen")
+#: Built-in worlds: (their CLIP, their LLaVA), the defaults of ``--clip`` / ``--model`` for the kind.
+_WORLD_MODELS = {
+    "easyvqa": ("esg-easyvqa-clip", "tiny-llava"),
+    "scenes": ("esg-scenes-clip", "esg-scenes-llava"),
+}
 
 
 @dataclass
@@ -52,11 +58,13 @@ class EvalConfig:
     """Directory the records' relative image paths resolve under; None: text-side mode."""
     pool_dir: str | None = None
     """Directory holding the MMEdit locality pools; None: two levels above ``data``."""
-    model: str = "tiny-llava"
-    """Model spec for ``load_base_model`` (registered name, local directory or HF id)."""
+    model: str | None = None
+    """Model spec for ``load_base_model`` (registered name, local directory or HF id); None: by kind
+    (scenes: esg-scenes-llava; otherwise tiny-llava, the shipped easy-vqa LLaVA)."""
     clip: str | None = None
     """Key encoder spec; None: by kind (easyvqa: esg-easyvqa-clip; text-side: subject-id+minilm;
-    counterfact/zsre: minilm; real images: esg-easyvqa-clip — pass a real CLIP there)."""
+    scenes: esg-scenes-clip; counterfact/zsre: minilm; real images: esg-easyvqa-clip — pass a real CLIP
+    there)."""
     edits: int = 100
     """Stream length N (number of edits added)."""
     protocol: Literal["immediate", "retention", "both"] = "both"
@@ -99,13 +107,19 @@ class EvalConfig:
 def _encoder_spec(cfg: EvalConfig, ds: EvalDataset) -> str:
     if cfg.clip:
         return cfg.clip
-    if ds.kind == "easyvqa":
-        return "esg-easyvqa-clip"
+    if ds.kind in _WORLD_MODELS:
+        return _WORLD_MODELS[ds.kind][0]
     if ds.image_mode == "text-side":
         return "subject-id+minilm"
     if ds.image_mode == "none":
         return "minilm"
     return "esg-easyvqa-clip"
+
+
+def _model_spec(cfg: EvalConfig) -> str:
+    if cfg.model:
+        return cfg.model
+    return _WORLD_MODELS.get(cfg.kind, ("", "tiny-llava"))[1]
 
 
 def _load_encoder(spec: str, device: str = "cpu") -> Any:
@@ -163,6 +177,23 @@ class _Run:
         self.scorer = Scorer(em, cfg.batch_size)
         self.pre: dict = {}
 
+    def scope_at_end(self, probes: list[int], final: list[dict]) -> tuple[dict, dict]:
+        """(sweep summary, per-probe table) over ``probes`` in the current state: every global rule's
+        threshold sweep against ours (`esg_memory.eval.sweep`); ``final`` are ours' records of them."""
+        live = list(self.live)
+        row_of = {c: i for i, c in enumerate(live)}
+        q = self.keys.take(np.asarray(probes, dtype=np.int64))
+        anchors = self.keys.take(np.asarray([self.anchor_probe[c] for c in live], dtype=np.int64))
+        owner = np.asarray([row_of.get(self.owner[p], -1) for p in probes], dtype=np.int64)
+        ours = self.em.memory.route(keys=q.joint)
+        table = probe_table([self.kinds[p] for p in probes], owner, q, anchors, ours)
+        table["probe"] = list(probes)
+        table["case"] = [self.owner[p] for p in probes]
+        table["em"] = [bool(r["em"]) for r in final]
+        table["fidelity"] = [r.get("fidelity") for r in final]
+        owner_fired = np.asarray([bool(r["owner_fired"]) for r in final])
+        return scope_sweep(table, anchors, [self.answer[c] for c in live], owner_fired), table
+
     def target(self, p: int) -> str:
         return self.fixed[p] if self.fixed[p] is not None else self.answer[self.owner[p]]
 
@@ -214,7 +245,7 @@ class _Run:
         own = [
             (p, self.eid[self.owner[p]])
             for p in probes
-            if self.kinds[p] in ("reliability", "t_gen", "i_gen") and self.owner[p] in self.eid
+            if self.kinds[p] in EDIT_GEN_KINDS and self.owner[p] in self.eid
         ]
         if own:
             f_items = [(p, self.images[p], self.questions[p], self.target(p)) for p, _ in own]
@@ -276,12 +307,14 @@ def run_eval(
     ds = replace(ds, cases=ds.cases[: cfg.edits])  # the caller's dataset stays as it was
     spec = _encoder_spec(cfg, ds)
     enc = encoder if encoder is not None else _load_encoder(spec, cfg.device)
-    base, processor = model if model is not None else load_base_model(cfg.model, **_hf_kwargs(cfg))
-    if ds.kind == "easyvqa" and spec == "esg-easyvqa-clip":  # its domain pool and config
-        mem = new_memory(enc, spec)
+    model_spec = _model_spec(cfg)
+    base, processor = model if model is not None else load_base_model(model_spec, **_hf_kwargs(cfg))
+    timed = TimedEncoder(enc)  # the memory's encoder: its seconds are the writes' encoding stage
+    if ds.kind in _WORLD_MODELS and spec == _WORLD_MODELS[ds.kind][0]:  # its domain pool and config
+        mem = new_memory(timed, spec)
     else:
-        mem = EditMemory(enc, locality_pool=ds.pool or None)
-    em = EditedModel.wrap(base, processor, memory=mem, encoder=enc)
+        mem = EditMemory(timed, locality_pool=ds.pool or None)
+    em = EditedModel.wrap(base, processor, memory=mem, encoder=timed)
     timings["load_s"] = time.perf_counter() - t_start
 
     t = time.perf_counter()
@@ -302,39 +335,54 @@ def run_eval(
     do_imm = cfg.protocol in ("immediate", "both")
     do_ret = cfg.protocol in ("retention", "both")
     edit_s: list[float] = []
+    clock = StageClock()
     bar = _progress(len(ops), progress)
     n_added = 0
     final_ret: dict[str, list[dict]] | None = None
     for k, op in enumerate(ops):
         case = ds.cases[op.case]
         t = time.perf_counter()
+        enc_before = timed.seconds
         if op.kind == "add":
-            run.eid[op.case] = em.add_edit(case.image, case.question, case.target, tune=cfg.tune)
+            run.eid[op.case] = em.add_edit(case.image, case.question, case.target, tune="never")
             run.version[op.case] = 1
             run.live.append(op.case)
             n_added += 1
         elif op.kind == "revise":
-            run.version[op.case] = em.revise_edit(run.eid[op.case], tune=cfg.tune, answer=op.answer)
+            run.version[op.case] = em.revise_edit(run.eid[op.case], tune="never", answer=op.answer)
             run.answer[op.case] = op.answer
         else:
             em.delete_edit(run.eid[op.case])
             run.live.remove(op.case)
             deleted.append(op.case)
+        write_s = time.perf_counter() - t
+        if op.kind == "delete":
+            clock.add("delete", write_s)
+        else:
+            clock.add("encode", timed.seconds - enc_before)
+            clock.add("scope", write_s - (timed.seconds - enc_before))
+        if op.kind != "delete" and cfg.tune == "sync":  # what add_edit(tune="sync") does, timed apart
+            with clock.stage("tune"):
+                em.tune_edit(run.eid[op.case])
         edit_s.append(time.perf_counter() - t)
         if op.kind in ("add", "revise") and do_imm:
-            recs = run.score(run.by_case[op.case])
+            with clock.stage("probe_immediate"):
+                recs = run.score(run.by_case[op.case])
             for m in run.methods:
                 if op.kind == "add":
                     immediate[m] += recs[m]
                 latest_immediate[m][op.case] = recs[m]
         elif op.kind == "delete":
-            gen = [p for p in run.by_case[op.case] if run.kinds[p] in _GEN]
-            for m, recs in run.score(gen).items():
+            gen = [p for p in run.by_case[op.case] if run.kinds[p] in EDIT_GEN_KINDS]
+            with clock.stage("probe_deleted"):
+                scored = run.score(gen)
+            for m, recs in scored.items():
                 del_immediate[m] += recs
         last_of_step = k + 1 == len(ops) or ops[k + 1].kind == "add"
         if last_of_step and n_added in checkpoints:
             point: dict[str, Any] = {"n_edits": n_added, "live": len(run.live), "methods": {}}
-            ret = run.score([p for c in run.live for p in run.by_case[c]]) if do_ret else None
+            with clock.stage("probe_retention"):
+                ret = run.score([p for c in run.live for p in run.by_case[c]]) if do_ret else None
             for m in run.methods:
                 point["methods"][m] = {
                     "immediate": aggregate(immediate[m]) if do_imm else None,
@@ -350,7 +398,7 @@ def run_eval(
     if bar is not None:
         bar.close()
     timings["stream_s"] = time.perf_counter() - t_start - sum(timings.values())
-    del_final = run.score([p for c in deleted for p in run.by_case[c] if run.kinds[p] in _GEN])
+    del_final = run.score([p for c in deleted for p in run.by_case[c] if run.kinds[p] in EDIT_GEN_KINDS])
 
     methods: dict[str, Any] = {}
     for m in run.methods:
@@ -362,6 +410,9 @@ def run_eval(
             ),
             "deletion": deletion_audit(del_immediate[m], del_final[m], len(deleted)),
         }
+    scope, table = None, None
+    if do_ret and final_ret is not None and run.live:
+        scope, table = run.scope_at_end([p for c in run.live for p in run.by_case[c]], final_ret["ours"])
     results: dict[str, Any] = {
         "format": "esg-memory-eval",
         "format_version": 1,
@@ -375,7 +426,7 @@ def run_eval(
             "n_probes": len(run.images),
             "pool_size": len(ds.pool),
         },
-        "model": {"spec": cfg.model, "model_type": em.family.model_type, "encoder": enc.name},
+        "model": {"spec": model_spec, "model_type": em.family.model_type, "encoder": enc.name},
         "stream": {
             "n_adds": n,
             "n_revisions": sum(o.kind == "revise" for o in ops),
@@ -383,17 +434,19 @@ def run_eval(
             "checkpoints": checkpoints,
         },
         "methods": methods,
+        "scope": scope,
         "curve": curve,
         "versions": environment(),
         "timings": {
             **timings,
             "edit_op_median_s": float(np.median(edit_s)) if edit_s else None,
             "model_runs": run.scorer.runs,
+            "stages": clock.report(n),
             "total_s": time.perf_counter() - t_start,
         },
     }
     if out_dir is not None:
-        write_outputs(results, Path(out_dir))
+        write_outputs(results, Path(out_dir), probes=table)
     return results
 
 

@@ -16,11 +16,11 @@ import numpy as np
 __all__ = ["COLOURS", "PATTERNS", "RENDER_VERSION", "SHAPES", "SIZES", "Nuisance", "SceneObject", "render"]
 
 #: Bump when any pixel of any rendering may change (saved worlds record it).
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 #: Side of a rendering, pixels.
 SIDE = 64
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "semicircle", "cross", "ring", "star", "hexagon")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
     "green": (44, 160, 44),
@@ -71,8 +71,8 @@ def _mask(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.maximum(np.abs(x), np.abs(y)) <= 0.8
     if shape == "triangle":  # equilateral, apex up (y grows downwards): (0, -1), (+-0.87, 0.5)
         return (y <= 0.5) & (y >= -1.0 + 1.724 * np.abs(x))
-    if shape == "diamond":
-        return np.abs(x) + np.abs(y) <= 1.0
+    if shape == "semicircle":  # flat side down; unlike a diamond, no rotation turns it into another shape
+        return (np.hypot(x, y - 0.45) <= 1.1) & (y <= 0.45)
     if shape == "cross":
         box = np.maximum(np.abs(x), np.abs(y)) <= 0.9
         return box & ((np.abs(x) <= 0.3) | (np.abs(y) <= 0.3))

@@ -10,9 +10,10 @@ Splits (all deterministic, documented in docs/worlds.md):
 
 - **phrasings**: each family's phrasings are split into ``train`` (what models may be trained and
   adapters tuned on) and ``held_out`` (T-Gen probes: nothing is trained, tuned or calibrated on them);
-- **nuisance**: ``train`` renderings draw rotation within ±25°, scale 0.9-1.1, small shifts, rarely a
-  blur, noise ≤ 6, backgrounds plain / gradient / grid in pale tints; ``held_out`` renderings (I-Gen
-  probes) draw rotation 35-70° either way, scale 0.8-0.85 or 1.15-1.2, larger shifts, always a blur, noise
+- **nuisance**: ``train`` renderings draw any rotation whose angle mod 90° lies outside [35°, 55°),
+  scale 0.9-1.1, small shifts, rarely a blur, noise ≤ 6, backgrounds plain / gradient / grid in pale
+  tints; ``held_out`` renderings (I-Gen probes) draw rotations with angle mod 90° in [40°, 50°)
+  (between the trained ones), scale 0.8-0.85 or 1.15-1.2, larger shifts, always a blur, noise
   10-14, backgrounds noise / stripes in other tints, darker or brighter lighting;
 - **subjects**: about one subject in five (by a hash of its id) is ``held_out``: never in model
   training, the source of locality probes on unseen scenes.
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 #: Bump when subjects, families, phrasings, splits or answers change (saved results record it).
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 #: Two-object subjects drawn (deterministically) from the 640 x 639 ordered pairs.
 N_PAIRS = 6400
 
@@ -259,8 +260,16 @@ class ScenesWorld:
         return FAMILIES[len(subject.objects)]
 
     def is_held_out(self, subject: Subject) -> bool:
-        """Subjects no model is trained on (about one in five): unseen scenes for locality probes."""
+        """Subjects no model is trained on (about one in five): unseen scenes for locality."""
         return _unit("subject-split", subject.id) < 0.2
+
+    def subject_split(self, subject: Subject) -> str:
+        """``"train"`` (models train on it, edits are made on it), or one half of the held-out subjects:
+        ``"pool"`` (a memory's locality pool and calibration may use it) or ``"test"`` (locality probes
+        only: nothing is trained, tuned or calibrated on it)."""
+        if not self.is_held_out(subject):
+            return "train"
+        return "pool" if _unit("held-out-half", subject.id) < 0.5 else "test"
 
     def pairs(self) -> int:
         """Size of the (subject, family) space: every possible edit."""
@@ -272,8 +281,11 @@ class ScenesWorld:
         """Rendering ``index`` of a subject from the ``train`` or ``held_out`` nuisance ranges."""
         u = [_unit("nuisance", split, subject_id, index, k) for k in range(10)]
         if split == "train":
+            # any angle outside the held-out bands: objects are seen turned every way, as a picture
+            # of a shape may be, and I-Gen asks for angles between the trained ones
+            r = 70 * u[0]
             return Nuisance(
-                rotation=-25 + 50 * u[0],
+                rotation=(r if r < 35 else r + 20) + 90 * int(u[9] * 4) - 180,
                 scale=0.9 + 0.2 * u[1],
                 shift=(-0.06 + 0.12 * u[2], -0.06 + 0.12 * u[3]),
                 blur=int(u[4] < 0.15),
@@ -283,9 +295,8 @@ class ScenesWorld:
                 light=0.92 + 0.16 * u[8],
             )
         if split == "held_out":
-            sign = -1 if u[9] < 0.5 else 1
             return Nuisance(
-                rotation=sign * (35 + 35 * u[0]),
+                rotation=40 + 10 * u[0] + 90 * int(u[9] * 4) - 180,  # (angle mod 90) in [40, 50)
                 # outside the training range, yet small x 1.2 stays below large x 0.8: sizes stay answerable
                 scale=(0.8 + 0.05 * u[1]) if u[2] < 0.5 else (1.15 + 0.05 * u[1]),
                 shift=(-0.1 + 0.2 * u[3], -0.1 + 0.2 * u[2]),

@@ -10,7 +10,7 @@ nothing else. Its probes:
 ``t_gen``                the edit rendering, a held-out phrasing of the family
 ``i_gen``                a held-out-nuisance rendering of the subject, the edit phrasing
 ``i_t_gen``              a held-out rendering with a held-out phrasing
-``m_loc``                a held-out subject (never trained on), one of its families, neither edited
+``m_loc``                a test-split subject (never trained or calibrated on), one of its families
 ``hard_same_image``      the edit rendering, another family of the subject (another fact)
 ``hard_same_question``   the edit family's train phrasing on another subject's rendering
 ``t_loc``                a text-only question the scenes never answer
@@ -82,7 +82,7 @@ def plan_stream(world: ScenesWorld, n_edits: int, seed: int = 0) -> list[Planned
     rng = random.Random(seed)
     subjects = world.subjects
     train = [s for s in subjects if not world.is_held_out(s)]
-    held = [s for s in subjects if world.is_held_out(s)]
+    held = [s for s in subjects if world.subject_split(s) == "test"]
     space = [(s.id, f.name) for s in train for f in world.families(s)]
     if n_edits > len(space):
         raise ValueError(f"the world has {len(space)} editable pairs, fewer than {n_edits}")
@@ -189,8 +189,8 @@ def check_stream(world: ScenesWorld, plan: list[PlannedEdit]) -> list[str]:
                     problems.append(f"edit {i}: {p.kind} probe uses the wrong phrasing / rendering split")
             elif (p.subject, p.family) in edited:
                 problems.append(f"edit {i}: {p.kind} probe ({p.subject}, {p.family}) is covered by an edit")
-            if p.kind == "m_loc" and not world.is_held_out(ps):
-                problems.append(f"edit {i}: m_loc probe on a trained-on subject")
+            if p.kind == "m_loc" and world.subject_split(ps) != "test":
+                problems.append(f"edit {i}: m_loc probe on a subject outside the test split")
             if p.kind == "hard_same_image" and p.subject != e.subject:
                 problems.append(f"edit {i}: hard_same_image probe on another subject")
             if p.kind == "hard_same_question" and (p.subject == e.subject or p.family != e.family):
