@@ -201,5 +201,5 @@ def test_scenes_set_structure():
     assert [(c.image, c.question, c.target) for c in again.cases] == [
         (c.image, c.question, c.target) for c in ds.cases
     ]
-    with pytest.raises(Exception, match=r"1\.\.49254"):
+    with pytest.raises(Exception, match=rf"1\.\.{SCENES_MAX_EDITS}"):
         load_dataset("scenes", limit=SCENES_MAX_EDITS + 1)

@@ -208,3 +208,23 @@ def test_config_validation():
             EvalConfig(**bad).validate()
     EvalConfig(edits=5000, big=True).validate()
     assert np.all(np.asarray(METHODS) != "")
+
+
+@pytest.mark.slow  # the scenes world end to end on its shipped models; a few seconds
+def test_cli_scenes_run_uses_the_worlds_models(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    argv = ["--json", "eval", "--kind", "scenes", "--edits", "4", "--tune", "never", "--out", str(out)]
+    rc = main([*argv, "--methods", "bare,ours,global_threshold,grace", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == EXIT_OK, captured.err
+    res = json.loads((out / "results.json").read_text())
+    # no --model / --clip: the kind brings its own world's models, memory config and pool
+    assert res["model"]["spec"] == "esg-scenes-llava" and res["config"]["encoder_spec"] == "esg-scenes-clip"
+    assert res["data"]["kind"] == "scenes" and res["data"]["pool_size"] == 256
+    ours = res["methods"]["ours"]["retention"]
+    assert ours["i_t_gen"] is not None and ours["fidelity"]["i_t_gen"] is not None  # both held out at once
+    assert res["methods"]["bare"]["retention"]["m_loc"] == 1.0
+    stages = res["timings"]["stages"]
+    assert {"encode", "scope", "probe_immediate", "probe_retention"} <= set(stages)
+    assert stages["scope"]["calls"] == res["stream"]["n_adds"] + res["stream"]["n_revisions"]
+    assert set(res["scope"]["curves"]) == {"global_joint", "global_text", "global_image", "grace"}

@@ -58,7 +58,13 @@ def test_nuisance_splits_do_not_overlap(world):
     assert max(n.rotation for n in tr) - min(n.rotation for n in tr) > 300  # objects turned every way
     assert {n.background for n in tr}.isdisjoint({n.background for n in ho})
     assert {n.tint for n in tr}.isdisjoint({n.tint for n in ho})
-    assert all(0.9 <= n.scale <= 1.1 for n in tr) and all(not 0.9 <= n.scale <= 1.1 for n in ho)
+    # held-out scales, noise and light lie between trained bands: never a trained value
+    assert all(0.85 <= n.scale < 0.9 or 1.1 <= n.scale < 1.15 for n in ho)
+    assert all(not (0.85 <= n.scale < 0.9 or 1.1 <= n.scale < 1.15) for n in tr)
+    assert all(9 <= n.noise < 13 for n in ho) and all(n.noise < 8 or n.noise >= 14 for n in tr)
+    assert all(0.78 <= n.light < 0.85 or 1.1 <= n.light < 1.2 for n in ho)
+    assert all(not (0.78 <= n.light < 0.85 or 1.1 <= n.light < 1.2) for n in tr)
+    assert all(n.blur == 1 for n in ho) and 0 < sum(n.blur for n in tr) < len(tr)
     # sizes stay answerable under every nuisance: the largest small object is below the smallest large one
     scales = [n.scale for n in tr + ho]
     assert SIZES["small"] * max(scales) < SIZES["large"] * min(scales)
@@ -71,14 +77,14 @@ def test_renders_are_deterministic_and_vary_only_by_nuisance(world):
     a = world.render(s, "train", 0)
     assert a.shape == (64, 64, 3) and a.dtype == np.uint8
     assert np.array_equal(a, world.render(s, "train", 0))
-    # RENDER_VERSION 2, WORLD_VERSION 2: a change to any pixel must bump them
+    # RENDER_VERSION 3, WORLD_VERSION 3: a change to any pixel must bump them
     assert (
         hashlib.sha256(a.tobytes()).hexdigest()
-        == "611e2063583069724b88e964c5900d142c66e7e644de3d5e44d7b8cc837f0e3b"
+        == "581da802cc2e05267f9fa18636f4befd3904b61e1b1fce9fbf16dafdb36ed33c"
     )
     held = world.render(world.subjects[5], "held_out", 3)
     assert hashlib.sha256(held.tobytes()).hexdigest() == (
-        "2850bc7d7786accda2ed24660bcbebdb007fa91852cae9c7316cc8123abc1423"
+        "6c57e12e6bdcf98be3042f8e53d2eeafa37a0e43c8dce4cb9154fb0b17c091a3"
     )
     assert not np.array_equal(a, world.render(s, "train", 1))
     assert not np.array_equal(a, world.render(s, "held_out", 0))

@@ -22,7 +22,7 @@ from .cases import EditCase, EvalDataset, Probe
 __all__ = ["SCENES_MAX_EDITS", "scenes_dataset"]
 
 #: Distinct edits the world's trained-on subjects allow (every (subject, family) pair of the train split).
-SCENES_MAX_EDITS = 49_254
+SCENES_MAX_EDITS = 49_158
 
 
 def scenes_dataset(n_edits: int, seed: int = 0, progress: bool = False) -> EvalDataset:

@@ -117,7 +117,7 @@ def tune_prefix(
     params = _init_params(runtime, base, kind, device)
     shell = Adapter(kind, base.edit_id, base.version, runtime.fingerprint, base.token_ids)
     embeds, mask, positions, target = _tuning_batch(runtime, examples, answer, device, base.length)
-    n_t, length, bsz = target.numel(), embeds.shape[1], embeds.shape[0]
+    n_t, bsz = target.numel(), embeds.shape[0]
     tgt = target.expand(bsz, -1)
     lr = cfg.lr if cfg.lr is not None else _DEFAULT_LR[kind]
     opt = torch.optim.Adam(list(params.values()), lr=lr)
@@ -133,10 +133,12 @@ def tune_prefix(
             cache = make_cache(
                 runtime.model, [(k.expand(bsz, -1, -1, -1), v.expand(bsz, -1, -1, -1)) for k, v in kv]
             )
+            # only the positions that predict the target need logits: the LM head runs on n_t + 1 rows
             out = runtime.model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                logits_to_keep=n_t + 1,
             )
-            logits = out.logits[:, length - n_t - 1 : length - 1].float()
+            logits = out.logits[:, :n_t].float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)
             )

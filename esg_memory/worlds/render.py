@@ -16,7 +16,7 @@ import numpy as np
 __all__ = ["COLOURS", "PATTERNS", "RENDER_VERSION", "SHAPES", "SIZES", "Nuisance", "SceneObject", "render"]
 
 #: Bump when any pixel of any rendering may change (saved worlds record it).
-RENDER_VERSION = 2
+RENDER_VERSION = 3
 #: Side of a rendering, pixels.
 SIDE = 64
 
@@ -57,7 +57,7 @@ class Nuisance:
     shift: tuple[float, float] = (0.0, 0.0)  # fraction of the side, the whole layout
     blur: int = 0  # box-blur radius, pixels
     noise: float = 0.0  # std of additive Gaussian noise, 0-255 units
-    background: str = "plain"  # plain | gradient | grid | noise | stripes
+    background: str = "plain"  # plain | gradient | grid | dots | checks | noise | stripes
     tint: tuple[int, int, int] = (250, 250, 250)  # background colour
     light: float = 1.0  # brightness factor of the whole picture
 
@@ -110,6 +110,10 @@ def _background(n: Nuisance, rng: np.random.Generator, yy: np.ndarray, xx: np.nd
         img[((xx.astype(int) % 8) == 0) | ((yy.astype(int) % 8) == 0)] *= 0.85
     elif n.background == "noise":
         img *= rng.uniform(0.85, 1.0, size=(SIDE, SIDE, 1))
+    elif n.background == "dots":
+        img[np.hypot(xx % 6.0 - 3.0, yy % 6.0 - 3.0) < 1.2] *= 0.85
+    elif n.background == "checks":
+        img[((xx // 8) + (yy // 8)) % 2 == 0] *= 0.9
     elif n.background == "stripes":
         img *= (0.85 + 0.15 * (np.sin((xx + yy) * 0.6) > 0))[..., None]
     elif n.background != "plain":

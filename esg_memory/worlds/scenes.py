@@ -10,11 +10,12 @@ Splits (all deterministic, documented in docs/worlds.md):
 
 - **phrasings**: each family's phrasings are split into ``train`` (what models may be trained and
   adapters tuned on) and ``held_out`` (T-Gen probes: nothing is trained, tuned or calibrated on them);
-- **nuisance**: ``train`` renderings draw any rotation whose angle mod 90° lies outside [35°, 55°),
-  scale 0.9-1.1, small shifts, rarely a blur, noise ≤ 6, backgrounds plain / gradient / grid in pale
-  tints; ``held_out`` renderings (I-Gen probes) draw rotations with angle mod 90° in [40°, 50°)
-  (between the trained ones), scale 0.8-0.85 or 1.15-1.2, larger shifts, always a blur, noise
-  10-14, backgrounds noise / stripes in other tints, darker or brighter lighting;
+- **nuisance**: held-out values lie between trained ones or are kinds training never draws.
+  ``train`` renderings: rotations whose angle mod 90° is outside [35°, 55°), scales 0.8-0.85, 0.9-1.1,
+  1.15-1.2, noise 0-8 or 14-18, light 0.7-0.78, 0.85-1.1 or 1.2-1.3, blur in 30%, plain / gradient /
+  grid / dots / checks backgrounds in nine tints; ``held_out`` renderings (I-Gen probes): angle mod 90°
+  in [40°, 50°), scale 0.85-0.9 or 1.1-1.15, noise 9-13, light 0.78-0.85 or 1.1-1.2, always a blur,
+  noise / stripes backgrounds in three other tints. Shifts (±10%) are alike in both;
 - **subjects**: about one subject in five (by a hash of its id) is ``held_out``: never in model
   training, the source of locality probes on unseen scenes.
 
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 #: Bump when subjects, families, phrasings, splits or answers change (saved results record it).
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 #: Two-object subjects drawn (deterministically) from the 640 x 639 ordered pairs.
 N_PAIRS = 6400
 
@@ -231,6 +232,32 @@ class Subject:
         return tuple(a for a in pool if a != self.answer(family))
 
 
+# Nuisance ranges (see `ScenesWorld.nuisance`). Sizes stay answerable under every scale: the largest
+# small object (0.5 x 1.2) stays below the smallest large one (0.85 x 0.8).
+_TRAIN_ANGLE = ((0.0, 35.0), (55.0, 90.0))
+_TRAIN_SCALE = ((0.8, 0.85), (0.9, 1.1), (1.15, 1.2))
+_HELD_SCALE = ((0.85, 0.9), (1.1, 1.15))
+_TRAIN_NOISE = ((0.0, 8.0), (14.0, 18.0))
+_TRAIN_LIGHT = ((0.7, 0.78), (0.85, 1.1), (1.2, 1.3))
+_HELD_LIGHT = ((0.78, 0.85), (1.1, 1.2))
+_TRAIN_BACKGROUNDS = ("plain", "gradient", "grid", "dots", "checks")
+_TRAIN_TINTS = (
+    (250, 250, 250), (245, 240, 225), (230, 240, 250), (235, 250, 235), (250, 235, 235), (240, 235, 250),
+    (250, 250, 220), (225, 245, 245), (220, 220, 220),
+)
+_HELD_TINTS = ((215, 235, 215), (240, 215, 215), (225, 225, 240))
+
+
+def _bands(u: float, bands: tuple[tuple[float, float], ...]) -> float:
+    """``u`` in [0, 1) mapped uniformly onto the union of ``bands`` (by length)."""
+    x = u * sum(b - a for a, b in bands)
+    for a, b in bands:
+        if x < b - a:
+            return a + x
+        x -= b - a
+    return bands[-1][1]
+
+
 def _unit(*parts: object) -> float:
     """A number in [0, 1) from the world version and ``parts`` (stable across runs and machines)."""
     h = hashlib.sha256("\x00".join(map(str, (WORLD_VERSION, *parts))).encode()).digest()
@@ -278,33 +305,36 @@ class ScenesWorld:
     # ------------------------------------------------------------------ renderings
     @staticmethod
     def nuisance(split: str, subject_id: int, index: int) -> Nuisance:
-        """Rendering ``index`` of a subject from the ``train`` or ``held_out`` nuisance ranges."""
+        """Rendering ``index`` of a subject from the ``train`` or ``held_out`` nuisance ranges.
+
+        Held-out values lie *between* trained ones (rotation, scale, noise, light bands), or are kinds
+        training never draws (the noise and stripes backgrounds, three tints): a model can learn that
+        such factors do not matter, and I-Gen asks whether it did, on values it never saw.
+        """
         u = [_unit("nuisance", split, subject_id, index, k) for k in range(10)]
+        quarter = 90 * int(u[9] * 4) - 180  # objects are seen turned every way, as a picture may be
+        shift = (-0.1 + 0.2 * u[2], -0.1 + 0.2 * u[3])  # not held out: both splits shift alike
         if split == "train":
-            # any angle outside the held-out bands: objects are seen turned every way, as a picture
-            # of a shape may be, and I-Gen asks for angles between the trained ones
-            r = 70 * u[0]
             return Nuisance(
-                rotation=(r if r < 35 else r + 20) + 90 * int(u[9] * 4) - 180,
-                scale=0.9 + 0.2 * u[1],
-                shift=(-0.06 + 0.12 * u[2], -0.06 + 0.12 * u[3]),
-                blur=int(u[4] < 0.15),
-                noise=6 * u[5],
-                background=("plain", "gradient", "grid")[int(u[6] * 3)],
-                tint=((250, 250, 250), (245, 240, 225), (230, 240, 250))[int(u[7] * 3)],
-                light=0.92 + 0.16 * u[8],
+                rotation=_bands(u[0], _TRAIN_ANGLE) + quarter,
+                scale=_bands(u[1], _TRAIN_SCALE),
+                shift=shift,
+                blur=int(u[4] < 0.3),
+                noise=_bands(u[5], _TRAIN_NOISE),
+                background=_TRAIN_BACKGROUNDS[int(u[6] * len(_TRAIN_BACKGROUNDS))],
+                tint=_TRAIN_TINTS[int(u[7] * len(_TRAIN_TINTS))],
+                light=_bands(u[8], _TRAIN_LIGHT),
             )
         if split == "held_out":
             return Nuisance(
-                rotation=40 + 10 * u[0] + 90 * int(u[9] * 4) - 180,  # (angle mod 90) in [40, 50)
-                # outside the training range, yet small x 1.2 stays below large x 0.8: sizes stay answerable
-                scale=(0.8 + 0.05 * u[1]) if u[2] < 0.5 else (1.15 + 0.05 * u[1]),
-                shift=(-0.1 + 0.2 * u[3], -0.1 + 0.2 * u[2]),
+                rotation=_bands(u[0], ((40.0, 50.0),)) + quarter,  # (angle mod 90) in [40, 50)
+                scale=_bands(u[1], _HELD_SCALE),
+                shift=shift,
                 blur=1,
-                noise=10 + 4 * u[5],
+                noise=_bands(u[5], ((9.0, 13.0),)),
                 background=("noise", "stripes")[int(u[6] * 2)],
-                tint=((215, 235, 215), (240, 215, 215), (225, 225, 240))[int(u[7] * 3)],
-                light=(0.75 + 0.07 * u[8]) if u[4] < 0.5 else (1.12 + 0.06 * u[8]),
+                tint=_HELD_TINTS[int(u[7] * len(_HELD_TINTS))],
+                light=_bands(u[8], _HELD_LIGHT),
             )
         raise ValueError(f"split must be 'train' or 'held_out', not {split!r}")
 
