@@ -251,6 +251,7 @@ def cmd_eval(s: _Session, args: argparse.Namespace) -> int:
         big=args.big,
         tune=args.tune,
         batch_size=args.batch_size,
+        immediate_sample=args.immediate_sample,
         revise_rate=args.revise_rate,
         delete_rate=args.delete_rate,
         methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else EvalConfig.methods,
@@ -419,6 +420,10 @@ def _add_eval_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     sp.add_argument("--big", action="store_true", help="allow streams over 1000 edits (the 10 000 stream)")
     sp.add_argument("--tune", choices=["sync", "never"], default="sync", help="tune adapters (default sync)")
     sp.add_argument("--batch-size", type=int, default=16, help="most probes per model call (default 16)")
+    sp.add_argument(
+        "--immediate-sample", type=int, default=None,
+        help="score the immediate protocol on a seeded sample of N edits (default: every edit)",
+    )
     sp.add_argument("--revise-rate", type=float, default=0.1, help="revisions per add (default 0.1)")
     sp.add_argument("--delete-rate", type=float, default=0.05, help="deletions per add (default 0.05)")
     sp.add_argument("--methods", help="comma-separated subset of the methods (must include ours)")

@@ -292,28 +292,16 @@ def train_clip(args, train: Split, test: Split, clip_tok, out: Path) -> dict:
         flip = torch.from_numpy(rng.random(bs) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         qi = torch.from_numpy(rng.integers(len(questions), size=args.clip_questions))
-        img_raw = model.encode_image(x)
-        img = F.normalize(img_raw, dim=-1)
-        txt = _encode_text(model, _trim(tokenizer(texts), pad_id))
-        qtx = _encode_text(model, _trim(q_tokens[qi], pad_id))
-        scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * txt @ img.T
-        pos, valid = truth == 1, truth >= 0
-        l_it = 0.5 * (multi_positive_nce(logits, pos, valid) + multi_positive_nce(logits.T, pos.T, valid.T))
-        l_ii = _supcon(img, lab, args.supcon_temp)
-        l_qq = _supcon(qtx, q_group[qi], args.supcon_temp)
-        loss = l_it + l_ii + 0.5 * l_qq
+        img_raw, (loss, l_it, l_ii, l_qq) = clip_losses(
+            model, x, tokenizer(texts), q_tokens[qi], truth, lab, q_group[qi], pad_id, args.supcon_temp
+        )
         if args.clip_aux_weight > 0:
             l_aux = sum(
                 F.cross_entropy(heads[k](img_raw), torch.from_numpy(getattr(train, k)[rows]), ignore_index=-1)
                 for k in ("shape", "colour")
             )
             loss = loss + args.clip_aux_weight * l_aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, model.parameters())
         if step % 50 == 0 or step == steps - 1:
             log.info(
                 "clip step %d/%d loss %.3f (it %.3f ii %.3f qq %.3f) %.1fs",
@@ -338,6 +326,22 @@ def train_clip(args, train: Split, test: Split, clip_tok, out: Path) -> dict:
     _publish(out / EASYVQA_CLIP)
     log.info("CLIP: %d params, trained in %.1fs, held-out retrieval top-1 %.4f", n_params, train_s, top1)
     return info
+
+
+def clip_losses(model, x, text_tokens, q_tokens, truth, img_label, q_label, pad_id: int, temp: float):
+    """``(raw image embeddings, (total, image<->text, image<->image, question<->question))`` of one CLIP
+    batch: multi-positive InfoNCE against ``truth`` (1 true, 0 false, -1 unknown; texts x pictures),
+    SupCon of the pictures over ``img_label`` and of the questions over ``q_label``."""
+    img_raw = model.encode_image(x)
+    img = F.normalize(img_raw, dim=-1)
+    txt = _encode_text(model, _trim(text_tokens, pad_id))
+    qtx = _encode_text(model, _trim(q_tokens, pad_id))
+    logits = model.logit_scale.exp().clamp(max=100) * txt @ img.T
+    pos, valid = truth == 1, truth >= 0
+    l_it = 0.5 * (multi_positive_nce(logits, pos, valid) + multi_positive_nce(logits.T, pos.T, valid.T))
+    l_ii = _supcon(img, img_label, temp)
+    l_qq = _supcon(qtx, q_label, temp)
+    return img_raw, (l_it + l_ii + 0.5 * l_qq, l_it, l_ii, l_qq)
 
 
 def clip_retrieval_top1(d: Path, train: Split, test: Split) -> float:
@@ -501,7 +505,7 @@ def train_llava(args, train: Split, test: Split, tok, out: Path) -> dict:
     pix_train = proc.image_processor(images=train.images, return_tensors="pt")["pixel_values"]
     prompts = _encode_prompts(proc, train.questions + test.questions)
     ans_ids = {a: tok(f" {a}</s>", add_special_tokens=False)["input_ids"] for a in set(train.answers)}
-    image_id, pad_id = model.config.image_token_index, tok.pad_token_id
+    pad_id = tok.pad_token_id
     rng = np.random.default_rng(args.seed)
     vision = [p for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
     ids_v = {id(p) for p in vision}
@@ -516,7 +520,6 @@ def train_llava(args, train: Split, test: Split, tok, out: Path) -> dict:
     ipb = args.llava_batch // q_per
     order: list[int] = []
     model.train()
-    emb = model.get_input_embeddings()
     for step in range(steps):
         if len(order) < ipb:
             order += rng.permutation(n_img).tolist()
@@ -529,40 +532,14 @@ def train_llava(args, train: Split, test: Split, tok, out: Path) -> dict:
                 seqs.append(p + a)
                 labs.append([-100] * len(p) + a)
                 which.append(b)
-        L = max(map(len, seqs))
-        ids = torch.tensor([s + [pad_id] * (L - len(s)) for s in seqs])
-        labels = torch.tensor([s + [-100] * (L - len(s)) for s in labs])
-        am = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
-        # each picture through the vision tower once, its features shared by its questions
-        feats = model.model.get_image_features(
-            pixel_values=pix_train[torch.tensor(imgs)], vision_feature_layer=-1,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        ).pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        feats = feats[torch.tensor(which)]
-        x = emb(ids)
-        mask = (ids == image_id).unsqueeze(-1)
-        x = x.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(x.dtype))
-        loss = model(inputs_embeds=x, attention_mask=am, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = llava_batch_loss(model, seqs, labs, which, pix_train[torch.tensor(imgs)], pad_id)
+        optimizer_step(opt, sched, loss, model.parameters())
         if step % 100 == 0 or step == steps - 1:
             log.info("llava step %d/%d loss %.4f %.1fs", step, steps, loss.item(), time.time() - t0)
     model.eval()
     train_s = time.time() - t0
     with atomic_directory(out / EASYVQA_LLAVA) as d:
-        model.to(torch.float16).save_pretrained(str(d))
-        cfg_file = d / "config.json"
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        # fp16 on disk only: CPUs run fp16 slowly and less exactly, so loaders get float32 by default
-        for c in (cfg, cfg.get("text_config", {}), cfg.get("vision_config", {})):
-            if "dtype" in c:
-                c["dtype"] = "float32"
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
-        proc.save_pretrained(str(d))
+        save_llava(model, proc, d)
         acc, n_eval = llava_accuracy(d, test, args.eval_limit)
         info = _info(EASYVQA_LLAVA, "transformers-llava", args, train_s, n_params, {"test_accuracy": acc})
         info["n_test_questions_scored"] = n_eval
@@ -572,6 +549,47 @@ def train_llava(args, train: Split, test: Split, tok, out: Path) -> dict:
     _publish(out / EASYVQA_LLAVA)
     log.info("LLaVA: %d params, trained in %.1fs, test accuracy %.4f on %d", n_params, train_s, acc, n_eval)
     return info
+
+
+def optimizer_step(opt, sched, loss: torch.Tensor, params) -> None:
+    """One optimiser step, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def llava_batch_loss(model, seqs: list, labs: list, which: list, pixel_values: torch.Tensor, pad_id: int):
+    """Answer-only loss of one batch of prompt + answer sequences; each picture goes through the vision
+    tower once and its features are shared by its questions (``which``: each row's picture)."""
+    L = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (L - len(s)) for s in seqs])
+    labels = torch.tensor([s + [-100] * (L - len(s)) for s in labs])
+    am = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    feats = model.model.get_image_features(
+        pixel_values=pixel_values, vision_feature_layer=-1,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    feats = feats[torch.tensor(which)]
+    x = model.get_input_embeddings()(ids)
+    mask = (ids == model.config.image_token_index).unsqueeze(-1)
+    x = x.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(x.dtype))
+    return model(inputs_embeds=x, attention_mask=am, labels=labels).loss
+
+
+def save_llava(model, proc, d: Path) -> None:
+    """The model (fp16 weights) and its processor into ``d``; the config says float32: CPUs run fp16
+    slowly and less exactly, so loaders get float32 by default."""
+    model.to(torch.float16).save_pretrained(str(d))
+    cfg_file = d / "config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    for c in (cfg, cfg.get("text_config", {}), cfg.get("vision_config", {})):
+        if "dtype" in c:
+            c["dtype"] = "float32"
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+    proc.save_pretrained(str(d))
 
 
 def llava_accuracy(d: Path, test: Split, limit: int) -> tuple[float, int]:
@@ -629,10 +647,11 @@ def _info(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_out = Path(__file__).resolve().parent.parent / "esg_memory" / "assets"
-    ap.add_argument("--out", type=Path, default=default_out)
+def common_arguments(description: str, clip_steps: int, llava_steps: int) -> argparse.ArgumentParser:
+    """The options both training scripts share (architecture, optimisation, output)."""
+    ap = argparse.ArgumentParser(description=description)
+    assets = Path(__file__).resolve().parent.parent / "esg_memory" / "assets"
+    ap.add_argument("--out", type=Path, default=assets)
     ap.add_argument("--only", choices=["clip", "llava"], default=None)
     ap.add_argument("--seed", type=int, default=0)
     # 1 thread: on 2 shared, oversubscribed cores, 2 OpenMP threads ran a ViT step ~3x slower than 1
@@ -640,20 +659,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-patch", type=int, default=16)
     ap.add_argument("--llava-patch", type=int, default=16)
     ap.add_argument("--vocab-size", type=int, default=512)
-    ap.add_argument("--clip-steps", type=int, default=800)
+    ap.add_argument("--clip-steps", type=int, default=clip_steps)
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1.5e-3)
     ap.add_argument("--clip-questions", type=int, default=64, help="questions per step for paraphrase SupCon")
     ap.add_argument("--clip-aux-weight", type=float, default=1.0)
     ap.add_argument("--supcon-temp", type=float, default=0.1)
-    ap.add_argument("--llava-steps", type=int, default=1000)
+    ap.add_argument("--llava-steps", type=int, default=llava_steps)
     ap.add_argument("--llava-batch", type=int, default=64)
     ap.add_argument("--llava-lr", type=float, default=2e-3)
     # "full" keeps the CLS token, where the CLIP-trained tower pools what it knows about the shape
     ap.add_argument("--llava-strategy", choices=["default", "full"], default="full")
     ap.add_argument("--vision-lr-scale", type=float, default=0.25)
-    ap.add_argument("--no-init-vision-from-clip", dest="init_vision_from_clip", action="store_false")
     ap.add_argument("--questions-per-image", type=int, default=4)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = common_arguments(__doc__.split("\n")[0], clip_steps=800, llava_steps=1000)
+    ap.add_argument("--no-init-vision-from-clip", dest="init_vision_from_clip", action="store_false")
     ap.add_argument("--eval-limit", type=int, default=2000, help="test questions scored at the end (0: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

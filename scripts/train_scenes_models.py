@@ -23,7 +23,6 @@ library versions give the same files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -46,17 +45,18 @@ from train_default_models import (
     MEAN,
     STD,
     _encode_prompts,
-    _encode_text,
     _info,
     _publish,
-    _supcon,
-    _trim,
     _warmup_cosine,
     build_llava,
     build_tokenizers,
     clip_config,
-    multi_positive_nce,
+    clip_losses,
+    common_arguments,
+    llava_batch_loss,
     openclip_vision_to_hf,
+    optimizer_step,
+    save_llava,
     seed_all,
 )
 
@@ -174,17 +174,10 @@ def train_clip(args, data: SceneData, clip_tok, out: Path) -> dict:
                 ]
                 truth[t] = torch.tensor(row, dtype=torch.int8)
         qi = torch.from_numpy(rng.integers(len(questions), size=args.clip_questions))
-        img_raw = model.encode_image(x)
-        img = F.normalize(img_raw, dim=-1)
-        txt = _encode_text(model, _trim(tokenizer(texts), pad_id))
-        qtx = _encode_text(model, _trim(q_tokens[qi], pad_id))
-        scale = model.logit_scale.exp().clamp(max=100)
-        logits = scale * txt @ img.T
-        pos, valid = truth == 1, truth >= 0
-        l_it = 0.5 * (multi_positive_nce(logits, pos, valid) + multi_positive_nce(logits.T, pos.T, valid.T))
-        l_ii = _supcon(img, torch.from_numpy(ids), args.supcon_temp)
-        l_qq = _supcon(qtx, q_group[qi], args.supcon_temp)
-        loss = l_it + l_ii + 0.5 * l_qq
+        img_raw, (loss, l_it, l_ii, l_qq) = clip_losses(
+            model, x, tokenizer(texts), q_tokens[qi], truth, torch.from_numpy(ids), q_group[qi], pad_id,
+            args.supcon_temp,
+        )
         if args.clip_aux_weight > 0:
             att = torch.from_numpy(data.attr[ids])
             l_aux = sum(
@@ -193,11 +186,7 @@ def train_clip(args, data: SceneData, clip_tok, out: Path) -> dict:
                 for k, a in enumerate(ATTRS)
             ) + F.cross_entropy(heads["count"](img_raw), torch.from_numpy(data.count[ids] - 1))
             loss = loss + args.clip_aux_weight * l_aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, model.parameters())
         if step % 50 == 0 or step == steps - 1:
             log.info(
                 "clip step %d/%d loss %.3f (it %.3f ii %.3f qq %.3f) %.1fs",
@@ -292,7 +281,7 @@ def train_llava(args, data: SceneData, tok, out: Path) -> dict:
     prompts = _encode_prompts(proc, all_q)
     answers = sorted(set(data.answer.values()))
     ans_ids = {a: tok(f" {a}</s>", add_special_tokens=False)["input_ids"] for a in answers}
-    image_id, pad_id = model.config.image_token_index, tok.pad_token_id
+    pad_id = tok.pad_token_id
     rng = np.random.default_rng(args.seed)
     vision = [p for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
     ids_v = {id(p) for p in vision}
@@ -308,7 +297,6 @@ def train_llava(args, data: SceneData, tok, out: Path) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps, 100))
     ipb = args.llava_batch // q_per
     model.train()
-    emb = model.get_input_embeddings()
     for step in range(steps):
         subj = rng.choice(data.train_ids, size=ipb, replace=False)
         pix = data.pixels(
@@ -324,39 +312,14 @@ def train_llava(args, data: SceneData, tok, out: Path) -> dict:
                 seqs.append(p + a)
                 labs.append([-100] * len(p) + a)
                 which.append(b)
-        L = max(map(len, seqs))
-        ids = torch.tensor([s + [pad_id] * (L - len(s)) for s in seqs])
-        labels = torch.tensor([s + [-100] * (L - len(s)) for s in labs])
-        am = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
-        feats = model.model.get_image_features(
-            pixel_values=pix,
-            vision_feature_layer=-1,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        ).pooler_output
-        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        feats = feats[torch.tensor(which)]
-        x = emb(ids)
-        mask = (ids == image_id).unsqueeze(-1)
-        x = x.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(x.dtype))
-        loss = model(inputs_embeds=x, attention_mask=am, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = llava_batch_loss(model, seqs, labs, which, pix, pad_id)
+        optimizer_step(opt, sched, loss, model.parameters())
         if step % 100 == 0 or step == steps - 1:
             log.info("llava step %d/%d loss %.4f %.1fs", step, steps, loss.item(), time.time() - t0)
     model.eval()
     train_s = time.time() - t0
     with atomic_directory(out / SCENES_LLAVA) as d:
-        model.to(torch.float16).save_pretrained(str(d))
-        cfg_file = d / "config.json"
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        for c in (cfg, cfg.get("text_config", {}), cfg.get("vision_config", {})):
-            if "dtype" in c:
-                c["dtype"] = "float32"
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
-        proc.save_pretrained(str(d))
+        save_llava(model, proc, d)
         figures = llava_figures(d, data, args.eval_subjects)
         info = _info(
             SCENES_LLAVA, "transformers-llava", args, train_s, n_params, figures, _data_line(), SCRIPT
@@ -427,30 +390,8 @@ def llava_figures(d: Path, data: SceneData, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "esg_memory" / "assets"
-    )
-    ap.add_argument("--only", choices=["clip", "llava"], default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    # 1 thread: on 2 shared, oversubscribed cores, 2 OpenMP threads ran a ViT step ~3x slower than 1
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clip-patch", type=int, default=16)
+    ap = common_arguments(__doc__.split("\n")[0], clip_steps=2400, llava_steps=4000)
     ap.add_argument("--clip-layers", type=int, default=3)
-    ap.add_argument("--llava-patch", type=int, default=16)
-    ap.add_argument("--vocab-size", type=int, default=512)
-    ap.add_argument("--clip-steps", type=int, default=2400)
-    ap.add_argument("--clip-batch", type=int, default=128)
-    ap.add_argument("--clip-lr", type=float, default=1.5e-3)
-    ap.add_argument("--clip-questions", type=int, default=64, help="questions per step for paraphrase SupCon")
-    ap.add_argument("--clip-aux-weight", type=float, default=1.0)
-    ap.add_argument("--supcon-temp", type=float, default=0.1)
-    ap.add_argument("--llava-steps", type=int, default=4000)
-    ap.add_argument("--llava-batch", type=int, default=64)
-    ap.add_argument("--llava-lr", type=float, default=2e-3)
-    ap.add_argument("--llava-strategy", choices=["default", "full"], default="full")
-    ap.add_argument("--vision-lr-scale", type=float, default=0.25)
-    ap.add_argument("--questions-per-image", type=int, default=4)
     ap.add_argument("--eval-subjects", type=int, default=700, help="test-split subjects scored at the end")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

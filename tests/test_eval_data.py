@@ -173,9 +173,10 @@ def test_scenes_set_structure():
     from esg_memory.worlds import ScenesWorld
 
     world = ScenesWorld()
-    assert sum(
-        len(world.families(s)) for s in world.subjects if world.subject_split(s) == "train"
-    ) == SCENES_MAX_EDITS
+    assert (
+        sum(len(world.families(s)) for s in world.subjects if world.subject_split(s) == "train")
+        == SCENES_MAX_EDITS
+    )
     ds = load_dataset("scenes", limit=12, seed=3)
     assert ds.kind == "scenes" and ds.image_mode == "files" and len(ds.cases) == 12
     assert len(ds.pool) == 256 and all(isinstance(im, bytes) and q for im, q in ds.pool)

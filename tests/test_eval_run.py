@@ -14,7 +14,12 @@ from esg_memory.eval import METHODS, EvalConfig, run_eval, strip_timings
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 FILES = {
-    "results.json", "results.md", "metrics_vs_edits.png", "scope_audit.png", "scope_pareto.png", "probes.json"
+    "results.json",
+    "results.md",
+    "metrics_vs_edits.png",
+    "scope_audit.png",
+    "scope_pareto.png",
+    "probes.json",
 }
 METRICS = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
 
@@ -203,7 +208,13 @@ def test_cli_refusals_are_one_line(capsys, argv, match):
 
 
 def test_config_validation():
-    for bad in (dict(protocol="later"), dict(edits=0), dict(tune="background"), dict(methods=("x",))):
+    for bad in (
+        dict(protocol="later"),
+        dict(edits=0),
+        dict(tune="background"),
+        dict(methods=("x",)),
+        dict(immediate_sample=0),
+    ):
         with pytest.raises(ConfigError):
             EvalConfig(**bad).validate()
     EvalConfig(edits=5000, big=True).validate()
@@ -214,6 +225,7 @@ def test_config_validation():
 def test_cli_scenes_run_uses_the_worlds_models(tmp_path, capsys):
     out = tmp_path / "scenes"
     argv = ["--json", "eval", "--kind", "scenes", "--edits", "4", "--tune", "never", "--out", str(out)]
+    argv += ["--immediate-sample", "2", "--delete-rate", "0"]
     rc = main([*argv, "--methods", "bare,ours,global_threshold,grace", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == EXIT_OK, captured.err
@@ -224,6 +236,8 @@ def test_cli_scenes_run_uses_the_worlds_models(tmp_path, capsys):
     ours = res["methods"]["ours"]["retention"]
     assert ours["i_t_gen"] is not None and ours["fidelity"]["i_t_gen"] is not None  # both held out at once
     assert res["methods"]["bare"]["retention"]["m_loc"] == 1.0
+    # immediate scored on a seeded sample of 2 of the 4 edits; retention on every live one
+    assert res["methods"]["ours"]["immediate"]["n_edits"] == 2 and ours["n_edits"] == 4
     stages = res["timings"]["stages"]
     assert {"encode", "scope", "probe_immediate", "probe_retention"} <= set(stages)
     assert stages["scope"]["calls"] == res["stream"]["n_adds"] + res["stream"]["n_revisions"]

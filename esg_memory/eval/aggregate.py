@@ -48,6 +48,7 @@ def probe_record(
         "probe": probe,
         "fired": fired,
         "owner_fired": fired == owner_edit,
+        "answer": out.text,
     }
     if kind in LOC_KINDS:
         if pre is None:

@@ -71,6 +71,9 @@ class EvalConfig:
     seed: int = 0
     big: bool = False
     """Allow N > 1000 (the 10 000 stream)."""
+    immediate_sample: int | None = None
+    """Score the immediate protocol on a seeded sample of this many edits (None: every edit); the
+    10 000 stream's ``--immediate-sample 1000``. Retention always scores every live edit."""
     revise_rate: float = 0.1
     """Chance, after each add, that an earlier live edit is corrected again (a revision)."""
     delete_rate: float = 0.05
@@ -97,6 +100,8 @@ class EvalConfig:
             raise ConfigError("edits must be >= 1")
         if self.edits > _BIG and not self.big:
             raise ConfigError(f"streams over {_BIG} edits need big=True (--big)")
+        if self.immediate_sample is not None and self.immediate_sample < 1:
+            raise ConfigError("immediate_sample must be >= 1 (or None: every edit)")
         if self.tune not in ("sync", "never"):
             raise ConfigError(f"tune must be 'sync' or 'never', not {self.tune!r}")
         bad = [m for m in self.methods if m not in METHODS]
@@ -189,6 +194,8 @@ class _Run:
         table = probe_table([self.kinds[p] for p in probes], owner, q, anchors, ours)
         table["probe"] = list(probes)
         table["case"] = [self.owner[p] for p in probes]
+        table["answer"] = [r["answer"] for r in final]
+        table["target"] = [self.target(p) for p in probes]
         table["em"] = [bool(r["em"]) for r in final]
         table["fidelity"] = [r.get("fidelity") for r in final]
         owner_fired = np.asarray([bool(r["owner_fired"]) for r in final])
@@ -333,6 +340,10 @@ def run_eval(
     n = len(ds.cases)
     checkpoints = sorted({c for c in CHECKPOINTS if c < n} | {n})
     do_imm = cfg.protocol in ("immediate", "both")
+    sampled = set(range(n))
+    if cfg.immediate_sample is not None and cfg.immediate_sample < n:
+        pick = np.random.default_rng(cfg.seed).choice(n, cfg.immediate_sample, replace=False)
+        sampled = {int(c) for c in pick}
     do_ret = cfg.protocol in ("retention", "both")
     edit_s: list[float] = []
     clock = StageClock()
@@ -365,7 +376,7 @@ def run_eval(
             with clock.stage("tune"):
                 em.tune_edit(run.eid[op.case])
         edit_s.append(time.perf_counter() - t)
-        if op.kind in ("add", "revise") and do_imm:
+        if op.kind in ("add", "revise") and do_imm and op.case in sampled:
             with clock.stage("probe_immediate"):
                 recs = run.score(run.by_case[op.case])
             for m in run.methods:
