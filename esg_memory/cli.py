@@ -252,6 +252,8 @@ def cmd_eval(s: _Session, args: argparse.Namespace) -> int:
         tune=args.tune,
         batch_size=args.batch_size,
         immediate_sample=args.immediate_sample,
+        tune_lr=args.tune_lr,
+        tune_max_steps=args.tune_steps,
         revise_rate=args.revise_rate,
         delete_rate=args.delete_rate,
         methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else EvalConfig.methods,
@@ -420,6 +422,8 @@ def _add_eval_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     sp.add_argument("--big", action="store_true", help="allow streams over 1000 edits (the 10 000 stream)")
     sp.add_argument("--tune", choices=["sync", "never"], default="sync", help="tune adapters (default sync)")
     sp.add_argument("--batch-size", type=int, default=16, help="most probes per model call (default 16)")
+    sp.add_argument("--tune-lr", type=float, default=None, help="tuning learning rate (default: library)")
+    sp.add_argument("--tune-steps", type=int, default=None, help="most tuning steps (default: library)")
     sp.add_argument(
         "--immediate-sample", type=int, default=None,
         help="score the immediate protocol on a seeded sample of N edits (default: every edit)",

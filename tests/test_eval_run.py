@@ -214,6 +214,8 @@ def test_config_validation():
         dict(tune="background"),
         dict(methods=("x",)),
         dict(immediate_sample=0),
+        dict(tune_lr=0.0),
+        dict(tune_max_steps=0),
     ):
         with pytest.raises(ConfigError):
             EvalConfig(**bad).validate()
@@ -225,7 +227,7 @@ def test_config_validation():
 def test_cli_scenes_run_uses_the_worlds_models(tmp_path, capsys):
     out = tmp_path / "scenes"
     argv = ["--json", "eval", "--kind", "scenes", "--edits", "4", "--tune", "never", "--out", str(out)]
-    argv += ["--immediate-sample", "2", "--delete-rate", "0"]
+    argv += ["--immediate-sample", "2", "--delete-rate", "0", "--tune-lr", "0.8", "--tune-steps", "60"]
     rc = main([*argv, "--methods", "bare,ours,global_threshold,grace", "--no-progress"])
     captured = capsys.readouterr()
     assert rc == EXIT_OK, captured.err
@@ -233,6 +235,7 @@ def test_cli_scenes_run_uses_the_worlds_models(tmp_path, capsys):
     # no --model / --clip: the kind brings its own world's models, memory config and pool
     assert res["model"]["spec"] == "esg-scenes-llava" and res["config"]["encoder_spec"] == "esg-scenes-clip"
     assert res["data"]["kind"] == "scenes" and res["data"]["pool_size"] == 256
+    assert res["config"]["tune_lr"] == 0.8 and res["config"]["tune_max_steps"] == 60
     ours = res["methods"]["ours"]["retention"]
     assert ours["i_t_gen"] is not None and ours["fidelity"]["i_t_gen"] is not None  # both held out at once
     assert res["methods"]["bare"]["retention"]["m_loc"] == 1.0

@@ -71,6 +71,10 @@ class EvalConfig:
     seed: int = 0
     big: bool = False
     """Allow N > 1000 (the 10 000 stream)."""
+    tune_lr: float | None = None
+    """Adam learning rate of adapter tuning (`AdapterConfig.lr`); None: the library default."""
+    tune_max_steps: int | None = None
+    """Most tuning steps per edit (`AdapterConfig.max_steps`); None: the library default."""
     immediate_sample: int | None = None
     """Score the immediate protocol on a seeded sample of this many edits (None: every edit); the
     10 000 stream's ``--immediate-sample 1000``. Retention always scores every live edit."""
@@ -100,6 +104,10 @@ class EvalConfig:
             raise ConfigError("edits must be >= 1")
         if self.edits > _BIG and not self.big:
             raise ConfigError(f"streams over {_BIG} edits need big=True (--big)")
+        if (self.tune_lr is not None and not self.tune_lr > 0) or (
+            self.tune_max_steps is not None and self.tune_max_steps < 1
+        ):
+            raise ConfigError("tune_lr must be > 0 and tune_max_steps >= 1 (or None: the library default)")
         if self.immediate_sample is not None and self.immediate_sample < 1:
             raise ConfigError("immediate_sample must be >= 1 (or None: every edit)")
         if self.tune not in ("sync", "never"):
@@ -295,6 +303,7 @@ def run_eval(
     ``dataset``, ``model`` (``(base, processor)``) and ``encoder`` override what ``config`` names
     (tests and notebooks that already hold them). Returns the results dict.
     """
+    from ..config import AdapterConfig, EditedModelConfig
     from ..loading import load_base_model, new_memory
     from ..memory import EditMemory
     from ..model import EditedModel
@@ -321,7 +330,12 @@ def run_eval(
         mem = new_memory(timed, spec)
     else:
         mem = EditMemory(timed, locality_pool=ds.pool or None)
-    em = EditedModel.wrap(base, processor, memory=mem, encoder=timed)
+    adapters = AdapterConfig(
+        **{k: v for k, v in (("lr", cfg.tune_lr), ("max_steps", cfg.tune_max_steps)) if v is not None}
+    )
+    em = EditedModel.wrap(
+        base, processor, memory=mem, encoder=timed, config=EditedModelConfig(adapters=adapters)
+    )
     timings["load_s"] = time.perf_counter() - t_start
 
     t = time.perf_counter()
