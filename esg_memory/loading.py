@@ -116,21 +116,24 @@ def load_encoder(spec: str | None = None) -> Any:
     return create_encoder(spec or DEFAULT_ENCODER)
 
 
-def new_memory(encoder: Any, encoder_spec: str | None = None) -> Any:
+def new_memory(encoder: Any, encoder_spec: str | None = None, locality_pool: Any = None) -> Any:
     """An empty `EditMemory` for ``encoder``, with its domain's locality pool and recommended config
     when the encoder is a shipped CLIP (``esg-easyvqa-clip``: the shipped easy-vqa pool;
     ``esg-scenes-clip``: the scenes world's pool), so "same question, other picture" negatives can be
-    given; the library defaults otherwise."""
+    given; the library defaults otherwise. ``locality_pool``: that domain pool, when the caller already
+    holds it (the eval harness's dataset does), so it is not read or rendered again."""
     from .memory import EditMemory
 
     spec = encoder_spec or DEFAULT_ENCODER
     if spec == "esg-easyvqa-clip":
         from .pretrained import easyvqa_locality_pool, easyvqa_memory_config
 
-        return EditMemory(encoder, config=easyvqa_memory_config(), locality_pool=easyvqa_locality_pool())
+        pool = easyvqa_locality_pool() if locality_pool is None else locality_pool
+        return EditMemory(encoder, config=easyvqa_memory_config(), locality_pool=pool)
     if spec == "esg-scenes-clip":
         from .pretrained import scenes_memory_config
         from .worlds import scenes_locality_pool
 
-        return EditMemory(encoder, config=scenes_memory_config(), locality_pool=scenes_locality_pool())
-    return EditMemory(encoder)
+        pool = scenes_locality_pool() if locality_pool is None else locality_pool
+        return EditMemory(encoder, config=scenes_memory_config(), locality_pool=pool)
+    return EditMemory(encoder, locality_pool=locality_pool)

@@ -63,6 +63,7 @@ from train_default_models import (
 from esg_memory.pretrained import PROMPT_TEMPLATE, SCENES_CLIP, SCENES_LLAVA
 from esg_memory.worlds import ScenesWorld
 from esg_memory.worlds.render import COLOURS, PATTERNS, SHAPES, SIZES
+from esg_memory.worlds.scenes import FAMILIES
 from esg_memory.worlds.stream import TEXT_LOCALITY
 from index import atomic_directory
 
@@ -90,7 +91,7 @@ class SceneData:
                     self.attr[s.id, j, a] = values.index(getattr(ob, name))
         self.count = np.array([len(s.objects) for s in subs])
         # every (family, phrasing) a model may train on, and the answer of each family on each subject
-        self.families = {f.name: f for n in (1, 2) for f in self.world.families(subs[0 if n == 1 else -1])}
+        self.families = {f.name: f for fs in FAMILIES.values() for f in fs}  # "count": one family, both
         self.fam_names = sorted(self.families)
         self.answer = {(s.id, f.name): s.answer(f) for s in subs for f in self.world.families(s)}
         self.fam_of = {s.id: [f.name for f in self.world.families(s)] for s in subs}

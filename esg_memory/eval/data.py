@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 #: What ``--kind`` accepts.
 DATA_KINDS = ("vqa", "caption", "vlkeb", "counterfact", "zsre", "easyvqa", "scenes")
-#: The kinds built in (no ``--data``), with the default edit count.
+#: The kinds built in (no ``--data``; 100 edits unless ``limit`` says otherwise).
 BUILT_IN_KINDS = ("easyvqa", "scenes")
 
 _MMEDIT_FIELDS = (

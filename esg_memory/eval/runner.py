@@ -327,7 +327,7 @@ def run_eval(
     base, processor = model if model is not None else load_base_model(model_spec, **_hf_kwargs(cfg))
     timed = TimedEncoder(enc)  # the memory's encoder: its seconds are the writes' encoding stage
     if ds.kind in _WORLD_MODELS and spec == _WORLD_MODELS[ds.kind][0]:  # its domain pool and config
-        mem = new_memory(timed, spec)
+        mem = new_memory(timed, spec, locality_pool=ds.pool)  # ds.pool *is* that domain's pool
     else:
         mem = EditMemory(timed, locality_pool=ds.pool or None)
     adapters = AdapterConfig(

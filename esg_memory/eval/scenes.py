@@ -37,7 +37,6 @@ def scenes_dataset(n_edits: int, seed: int = 0, progress: bool = False) -> EvalD
     if problems:  # a bug in the planner, never the user's input
         raise RuntimeError(f"invalid scenes stream: {problems[:3]}")
     subjects = world.subjects
-    fams = {(len(s.objects), f.name): f for s in (subjects[0], subjects[-1]) for f in world.families(s)}
     cache: dict[tuple[int, str, int], bytes] = {}
 
     def png(subject: int, rendering: tuple[str, int]) -> bytes:
@@ -49,7 +48,7 @@ def scenes_dataset(n_edits: int, seed: int = 0, progress: bool = False) -> EvalD
     def ask(p) -> tuple[bytes | None, str]:
         if p.text is not None:
             return None, p.text
-        f = fams[(len(subjects[p.subject].objects), p.family)]
+        f = world.family(subjects[p.subject], p.family)
         return png(p.subject, p.rendering), getattr(f, p.phrasing[0])[p.phrasing[1]]
 
     rows = plan
@@ -60,7 +59,7 @@ def scenes_dataset(n_edits: int, seed: int = 0, progress: bool = False) -> EvalD
     cases = []
     for e, pe in enumerate(rows):
         s = subjects[pe.subject]
-        fam = fams[(len(s.objects), pe.family)]
+        fam = world.family(s, pe.family)
         by = {p.kind: p for p in pe.probes}
         image, question = ask(by["reliability"])
         truth = s.answer(fam)
@@ -71,11 +70,8 @@ def scenes_dataset(n_edits: int, seed: int = 0, progress: bool = False) -> EvalD
             if p is None:
                 return None
             im, q = ask(p)
-            answer = (
-                "yes"
-                if p.text is not None
-                else subjects[p.subject].answer(fams[(len(subjects[p.subject].objects), p.family)])
-            )
+            ps = subjects[p.subject]
+            answer = "yes" if p.text is not None else ps.answer(world.family(ps, p.family))
             return Probe(kind, im, q, answer)
 
         cases.append(

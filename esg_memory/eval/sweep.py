@@ -43,19 +43,20 @@ def _nearest(anchors: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return idx, best
 
 
+def _point(
+    t: float, fires: np.ndarray, right: np.ndarray, gen: np.ndarray, loc: np.ndarray
+) -> dict[str, float]:
+    """(threshold, recall, leak) of a rule that fires where ``fires`` and is right where ``right``."""
+    return {
+        "threshold": float(t),
+        "recall": float((fires & right)[gen].mean()) if gen.any() else 0.0,
+        "leak": float(fires[loc].mean()) if loc.any() else 0.0,
+    }
+
+
 def _curve(best: np.ndarray, right: np.ndarray, gen: np.ndarray, loc: np.ndarray) -> list[dict[str, float]]:
-    """(threshold, recall, leak) for a global rule whose nearest cosine per probe is ``best``."""
-    out = []
-    for t in _GRID:
-        fires = best >= t
-        out.append(
-            {
-                "threshold": float(t),
-                "recall": float((fires & right)[gen].mean()) if gen.any() else 0.0,
-                "leak": float(fires[loc].mean()) if loc.any() else 0.0,
-            }
-        )
-    return out
+    """The sweep of a global rule whose nearest cosine per probe is ``best``."""
+    return [_point(t, best >= t, right, gen, loc) for t in _GRID]
 
 
 def probe_table(
@@ -107,22 +108,15 @@ def scope_sweep(
         right = np.asarray(table[f"{v}_nearest"]) == owner
         curves[f"global_{v}"] = _curve(best, right, gen, loc)
     # GRACE: radii grown / halved in stream order from a start radius; swept over the start radius
-    grace = []
-    a = anchors.joint
     idx = np.asarray(table["joint_nearest"])
     q_best = np.asarray(table["joint_cosine"], dtype=np.float64)
+    right = idx == owner
+    grace = []
     for t in np.append(_GRID[:-1:4], _GRID[-1]):  # each start radius re-runs the radii: a coarser grid
-        thr = grace_radii(a, answers, 1.0 - float(t))
+        thr = grace_radii(anchors.joint, answers, 1.0 - float(t))
         # a probe routes to its nearest anchor when inside that anchor's radius (GRACE's codebook lookup)
         fires = q_best >= thr[idx] if len(thr) else np.zeros(len(kinds), dtype=bool)
-        right = idx == owner
-        grace.append(
-            {
-                "threshold": float(t),
-                "recall": float((fires & right)[gen].mean()) if gen.any() else 0.0,
-                "leak": float(fires[loc].mean()) if loc.any() else 0.0,
-            }
-        )
+        grace.append(_point(t, fires, right, gen, loc))
     curves["grace"] = grace
     return {
         "ours": point,

@@ -192,6 +192,7 @@ def _families(n_objects: int) -> tuple[Family, ...]:
 
 #: Families of a one-object subject, then of a two-object subject.
 FAMILIES: dict[int, tuple[Family, ...]] = {1: _families(1), 2: _families(2)}
+_BY_NAME: dict[int, dict[str, Family]] = {n: {f.name: f for f in fs} for n, fs in FAMILIES.items()}
 _ROUND = frozenset({"circle", "ring"})
 _NUMBERS = {1: "one", 2: "two"}
 
@@ -285,6 +286,10 @@ class ScenesWorld:
 
     def families(self, subject: Subject) -> tuple[Family, ...]:
         return FAMILIES[len(subject.objects)]
+
+    def family(self, subject: Subject, name: str) -> Family | None:
+        """``subject``'s family called ``name``; None when its layout has no such family."""
+        return _BY_NAME[len(subject.objects)].get(name)
 
     def is_held_out(self, subject: Subject) -> bool:
         """Subjects no model is trained on (about one in five): unseen scenes for locality."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .scenes import FAMILIES, ScenesWorld, Subject
+from .scenes import ScenesWorld, Subject
 
 __all__ = [
     "GEN_KINDS",
@@ -88,7 +88,6 @@ def plan_stream(world: ScenesWorld, n_edits: int, seed: int = 0) -> list[Planned
         raise ValueError(f"the world has {len(space)} editable pairs, fewer than {n_edits}")
     chosen = rng.sample(space, n_edits)
     edited = set(chosen)
-    fam = {(n, f.name): f for n, fs in FAMILIES.items() for f in fs}
     by_objects: dict[int, list[Subject]] = {1: [], 2: []}
     for s in train:
         by_objects[len(s.objects)].append(s)
@@ -96,7 +95,7 @@ def plan_stream(world: ScenesWorld, n_edits: int, seed: int = 0) -> list[Planned
     for sid, fname in chosen:
         s = subjects[sid]
         n = len(s.objects)
-        f = fam[(n, fname)]
+        f = world.family(s, fname)
         ph = rng.randrange(len(f.train))
         rd = rng.randrange(1000)
         new = rng.choice(s.alternatives(f))
@@ -162,8 +161,8 @@ def check_stream(world: ScenesWorld, plan: list[PlannedEdit]) -> list[str]:
         s = subjects[e.subject]
         if world.is_held_out(s):
             problems.append(f"edit {i}: subject {e.subject} is held out")
-        fams = {f.name: f for f in world.families(s)}
-        if e.family not in fams or e.new_answer == s.answer(fams[e.family]):
+        fam = world.family(s, e.family)
+        if fam is None or e.new_answer == s.answer(fam):
             problems.append(f"edit {i}: bad family or an answer that changes nothing")
         kinds = [p.kind for p in e.probes]
         for k in ("reliability", "t_gen", "i_gen", "m_loc", "t_loc"):
@@ -175,7 +174,7 @@ def check_stream(world: ScenesWorld, plan: list[PlannedEdit]) -> list[str]:
                     problems.append(f"edit {i}: a t_loc probe must be text only")
                 continue
             ps = subjects[p.subject]
-            pf = {f.name: f for f in world.families(ps)}.get(p.family)
+            pf = world.family(ps, p.family)
             if pf is None:
                 problems.append(f"edit {i}: probe {p.kind} names family {p.family!r} of no such subject")
                 continue
