@@ -29,5 +29,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
 
 # The token comes from a mounted file (or -e ESG_MEMORY_TOKEN=...); without one the server refuses to start.
+# Binding 0.0.0.0 protects reads too (GET /edits, /generate, /route, /metrics, /v1): clients send the token;
+# /health (the HEALTHCHECK) stays open. --open-reads serves reads without it.
 ENTRYPOINT ["python", "-m", "esg_memory.serve", "--memory", "/data/memory", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["--token-file", "/run/secrets/esg_memory_token"]

@@ -128,7 +128,7 @@ def run_fuzz(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], floa
     model, proc = tiny("llava")
     em = EditedModel.wrap(model, proc, EditMemory(HashKeyEncoder(32), CFG))
     img = shape_image("red")
-    em.add_edit(img, "what color is the shape?", "purple")
+    em.add_edit(img, "what color is the shape?", "purple", tune="never")
     for c in model_cases(em, img, work / "model"):
         outcomes.append(run_case(c, lambda: memory_state(em.memory)))
     from tests._fuzz_model import encoder_cases, encoder_state

@@ -140,7 +140,8 @@ def old_snapshot_writes(em: Any, pool: list[tuple[bytes, str, str]], k: int,
         for j in range(k):
             img, q, _ = pool[j % len(pool)]
             s = time.perf_counter()
-            eid = em.add_edit(Image.open(io.BytesIO(img)), f"{q} (old-style write {j})", f"old {j}")
+            eid = em.add_edit(Image.open(io.BytesIO(img)), f"{q} (old-style write {j})", f"old {j}",
+                              tune="never")
             em.memory.save(Path(d) / "snapshot")  # what EditService.persist did per write
             lat.append(time.perf_counter() - s)
             em.delete_edit(eid)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import MODEL_DTYPES, TUNE_MODES
 from .errors import EsgMemoryError, InvalidInputError
 from .loading import DEFAULT_ENCODER, DEFAULT_MODEL, new_memory
 
@@ -49,7 +50,7 @@ class _Session:
         if self._encoder is None:
             from .loading import load_encoder
 
-            self._encoder = load_encoder(self.args.clip)
+            self._encoder = load_encoder(self.args.clip, device=self.args.device)
         return self._encoder
 
     @property
@@ -74,14 +75,27 @@ class _Session:
         return self._memory
 
     @property
+    def loaded_model(self):
+        """The model if a command loaded it (None: it worked on the memory alone)."""
+        return self._model
+
+    @property
     def model(self):
         if self._model is None:
             from .loading import load_base_model
             from .model import EditedModel
 
-            base, processor = load_base_model(self.args.model)
+            base, processor = load_base_model(self.args.model, **self.placement())
+            log.debug("model %s loaded on %s as %s", self.args.model, base.device, base.dtype)
             self._model = EditedModel.wrap(base, processor, memory=self.memory, encoder=self.encoder)
         return self._model
+
+    def placement(self) -> dict[str, Any]:
+        """--device / --dtype / --device-map as `load_base_model` keywords (checked before any load)."""
+        from .loading import model_placement
+
+        a = self.args
+        return model_placement(a.device, a.dtype, a.device_map)
 
     def save(self) -> None:
         d = self.memory_dir
@@ -146,11 +160,35 @@ def cmd_add(s: _Session, args: argparse.Namespace) -> int:
     )
     if args.tune != "never" or args.with_model:
         eid = s.model.add_edit(tune=args.tune, **kwargs)
+        _finish_jobs(s, eid)
     else:
         eid = s.memory.add(**kwargs)
     s.save()
-    _emit(args, {"edit_id": eid, "version": s.memory.get(eid).version})
+    _emit(args, {"edit_id": eid, "version": s.memory.get(eid).version, **_status(s, eid)})
     return EXIT_OK
+
+
+def _finish_jobs(s: _Session, eid: int) -> None:
+    """A one-shot process runs an edit's check and tuning (``auto`` / ``background``) in the foreground: it
+    waits for them before saving. A failed tuning leaves the edit with its compiled adapter; it is logged
+    and shown (``tuning: failed``), not an error of the write, which is done."""
+    try:
+        s.model.wait_for_tuning()
+    except Exception as exc:  # recorded in the edit's status by the job, and printed below
+        log.warning("edit %d: tuning failed (%s: %s)", eid, type(exc).__name__, exc)
+
+
+def _status(s: _Session, eid: int) -> dict[str, Any]:
+    """``gives_answer`` / ``tuning`` of the edit's current version: this process's when it loaded the model,
+    else what its stored adapter tells (`esg_memory.model.status.derived_status`)."""
+    if s.loaded_model is not None:
+        return s.loaded_model.edit_status(eid).to_dict()
+    from .model import ADAPTER_KIND
+    from .model.status import derived_status
+
+    edit = s.memory.get(eid)
+    stored = s.memory.attachment(eid, ADAPTER_KIND, version=edit.version)
+    return derived_status(eid, edit.version, stored).to_dict()
 
 
 def cmd_delete(s: _Session, args: argparse.Namespace) -> int:
@@ -162,15 +200,16 @@ def cmd_delete(s: _Session, args: argparse.Namespace) -> int:
 
 
 def cmd_revise(s: _Session, args: argparse.Namespace) -> int:
-    version = s.memory.revise(
-        args.edit_id,
-        answer=args.answer,
-        question=args.question,
-        image=args.image,
-        positives=_positives(args) or None,
+    changes = dict(
+        answer=args.answer, question=args.question, image=args.image, positives=_positives(args) or None
     )
+    if args.tune != "never" or args.with_model:
+        version = s.model.revise_edit(args.edit_id, tune=args.tune, **changes)
+        _finish_jobs(s, args.edit_id)
+    else:
+        version = s.memory.revise(args.edit_id, **changes)
     s.save()
-    _emit(args, {"edit_id": args.edit_id, "version": version})
+    _emit(args, {"edit_id": args.edit_id, "version": version, **_status(s, args.edit_id)})
     return EXIT_OK
 
 
@@ -189,7 +228,7 @@ def cmd_list(s: _Session, args: argparse.Namespace) -> int:
 
 
 def cmd_show(s: _Session, args: argparse.Namespace) -> int:
-    _emit(args, _edit_dict(s.memory.get(args.edit_id)))
+    _emit(args, {**_edit_dict(s.memory.get(args.edit_id)), **_status(s, args.edit_id)})
     return EXIT_OK
 
 
@@ -222,63 +261,36 @@ def cmd_generate(s: _Session, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_bench(s: _Session, args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.name}.py"
-    if not script.is_file():
+def _benchmarks_dir(args: argparse.Namespace) -> Path:
+    """The benchmarks/ folder of a source checkout: --benchmarks, else $ESG_MEMORY_BENCHMARKS, else the one
+    beside this package (an editable install). A wheel has none: the scripts read and write the checkout's
+    results/ and import its helper modules, so they ship with the source tree, not the distribution."""
+    given = args.benchmarks or os.environ.get("ESG_MEMORY_BENCHMARKS")
+    where = Path(given) if given else Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (where / "bench_index.py").is_file():
         raise InvalidInputError(
-            f"benchmark script not found: {script} (benchmarks ship with the source tree)"
+            f"no benchmark scripts in {where}: `esg-memory bench` runs a source checkout's benchmarks/ "
+            "(not shipped in the wheel); pass --benchmarks DIR or set $ESG_MEMORY_BENCHMARKS to a "
+            "checkout's benchmarks/ folder, or install from a clone with `pip install -e .[all]`"
         )
+    return where
+
+
+def cmd_bench(s: _Session, args: argparse.Namespace) -> int:
+    script = _benchmarks_dir(args) / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise InvalidInputError(f"benchmark script not found: {script}")
     module = runpy.run_path(str(script), run_name="esg_memory_bench")
     rc = module["main"](list(args.bench_args))
     return int(rc or 0)
-
-
-def cmd_eval(s: _Session, args: argparse.Namespace) -> int:
-    from .eval import EvalConfig, run_eval
-
-    cfg = EvalConfig(
-        kind=args.kind,
-        data=args.data,
-        image_root=args.image_root,
-        pool_dir=args.pool_dir,
-        # likewise the global --model: by default each kind gets its world's model
-        model=args.eval_model or (args.model if args.model != DEFAULT_MODEL else None),
-        # the global --clip has a default; only an explicit choice overrides the per-kind encoder
-        clip=args.eval_clip or (args.clip if args.clip != DEFAULT_ENCODER else None),
-        edits=args.edits,
-        protocol=args.protocol,
-        seed=args.seed,
-        big=args.big,
-        tune=args.tune,
-        batch_size=args.batch_size,
-        immediate_sample=args.immediate_sample,
-        tune_lr=args.tune_lr,
-        tune_max_steps=args.tune_steps,
-        revise_rate=args.revise_rate,
-        delete_rate=args.delete_rate,
-        methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else EvalConfig.methods,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    res = run_eval(cfg, Path(args.out), progress=not (args.json or args.no_progress))
-    if args.json:
-        keys = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
-        summary = {
-            m: {p: ({k: v[p][k] for k in keys} if v[p] else None) for p in ("immediate", "retention")}
-            for m, v in res["methods"].items()
-        }
-        _emit(args, {"out": str(args.out), "files": res["files"], "methods": summary})
-    else:
-        print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
-        print(f"wrote {', '.join(res['files'])} to {args.out}")
-    return EXIT_OK
 
 
 def cmd_demo(s: _Session, args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     report = run_demo(
-        out_dir=Path(args.out), model=args.model, clip=args.clip, echo=lambda line: print(line, flush=True)
+        out_dir=Path(args.out), model=args.model, clip=args.clip, echo=lambda line: print(line, flush=True),
+        placement=s.placement(), encoder_device=args.device,
     )
     return EXIT_OK if report.passed else EXIT_REFUSED
 
@@ -309,6 +321,13 @@ def _global_options(p: argparse.ArgumentParser, defaults: bool, model: bool = Tr
             default=d(DEFAULT_ENCODER),
             help="key encoder: open_clip name[:weights file], 'esg-tiny-clip', or 'minilm+<clip>'",
         )
+    p.add_argument("--device", default=d(None), help="model and key encoder device (cuda, cuda:1, cpu)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default=d(None), help="model dtype (default: its own)")
+    p.add_argument(
+        "--device-map", default=d(None),
+        help="transformers device_map for the model (auto, balanced, sequential, a device, or a JSON "
+        "object); needs esg-memory[accelerate]; excludes --device",
+    )
     p.add_argument("--json", action="store_true", default=d(False), help="print JSON")
     p.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks and debug logs")
 
@@ -326,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kw: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[every], **kw)
 
+    def tune_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--tune", choices=TUNE_MODES, default="auto",
+            help="auto (default): load --model, check that the edit's own input gets its answer and tune "
+            "the adapter if not, before exiting; sync/background: always tune; never: write the edit "
+            "only (no model loaded unless --with-model)",
+        )
+        sp.add_argument("--with-model", action="store_true", help="--tune never: still compile the adapter")
+
     def edit_fields(sp: argparse.ArgumentParser, required: bool) -> None:
         sp.add_argument("--image", help="image file (path)")
         sp.add_argument("--question", required=required, help="question / prompt the edit answers")
@@ -336,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("add", help="add an edit (live at once)")
     edit_fields(sp, required=True)
     sp.add_argument("--metadata", help="JSON object stored with the edit")
-    sp.add_argument("--tune", choices=["never", "sync"], default="never", help="tune the adapter now")
-    sp.add_argument("--with-model", action="store_true", help="compile the adapter with --model now")
+    tune_options(sp)
     sp.set_defaults(func=cmd_add)
 
     sp = command("delete", help="delete edits (exact: as if never added)")
@@ -347,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("revise", help="correct an edit: a new version supersedes the old")
     sp.add_argument("edit_id", type=int)
     edit_fields(sp, required=False)
+    tune_options(sp)
     sp.set_defaults(func=cmd_revise)
 
     sp = command("rollback", help="restore an earlier version of an edit")
@@ -376,8 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
     sp.add_argument("name", choices=BENCHMARKS)
+    sp.add_argument("--benchmarks", help="a checkout's benchmarks/ (else $ESG_MEMORY_BENCHMARKS)")
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     sp.set_defaults(func=cmd_bench)
+
+    _add_bulk_parsers(command)
 
     from .serve.cli import add_serve_arguments, run_from_args
 
@@ -394,47 +425,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_bulk_parsers(command: Any) -> None:
+    from .bulk.cli import add_export_arguments, add_import_arguments, run_export, run_import
+
+    sp = add_import_arguments(command("import", help="add a file's edits at once, all or none"))
+    sp.set_defaults(func=lambda s, a: run_import(s, a, _emit))
+    sp = add_export_arguments(command("export", help="write the edits as JSONL with their images beside it"))
+    sp.set_defaults(func=lambda s, a: run_export(s, a, _emit))
+
+
 def _add_eval_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
-    from .eval.data import DATA_KINDS
+    from .eval.cli import add_eval_arguments, run_eval_command
 
     sp = sub.add_parser(
         "eval",
         parents=[parent],
         help="evaluation harness: EasyEdit-style metrics, edit streams, baselines (docs/eval.md)",
     )
-    sp.add_argument("--data", help="JSON file of edit records (not needed for --kind easyvqa or scenes)")
-    sp.add_argument("--kind", choices=DATA_KINDS, default="easyvqa", help="record format (default easyvqa)")
-    sp.add_argument(
-        "--model", dest="eval_model", default=None,
-        help="ID|PATH|NAME (default by kind: esg-scenes-llava for scenes, else --model)",
-    )
-    sp.add_argument(
-        "--clip", dest="eval_clip", default=None,
-        help="NAME[:WEIGHTS] key encoder (default by kind: esg-easyvqa-clip, esg-scenes-clip, "
-        "subject-id+minilm or minilm)",
-    )
-    sp.add_argument("--edits", type=int, default=100, help="stream length N (> 1000 needs --big)")
-    sp.add_argument("--protocol", choices=["immediate", "retention", "both"], default="both")
-    sp.add_argument("--out", default="esg-eval-out", help="output directory")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--image-root", help="where the records' image paths resolve (else text-side mode)")
-    sp.add_argument("--pool-dir", help="directory with the MMEdit locality pools (default: ../.. of --data)")
-    sp.add_argument("--big", action="store_true", help="allow streams over 1000 edits (the 10 000 stream)")
-    sp.add_argument("--tune", choices=["sync", "never"], default="sync", help="tune adapters (default sync)")
-    sp.add_argument("--batch-size", type=int, default=16, help="most probes per model call (default 16)")
-    sp.add_argument("--tune-lr", type=float, default=None, help="tuning learning rate (default: library)")
-    sp.add_argument("--tune-steps", type=int, default=None, help="most tuning steps (default: library)")
-    sp.add_argument(
-        "--immediate-sample", type=int, default=None,
-        help="score the immediate protocol on a seeded sample of N edits (default: every edit)",
-    )
-    sp.add_argument("--revise-rate", type=float, default=0.1, help="revisions per add (default 0.1)")
-    sp.add_argument("--delete-rate", type=float, default=0.05, help="deletions per add (default 0.05)")
-    sp.add_argument("--methods", help="comma-separated subset of the methods (must include ours)")
-    sp.add_argument("--device", default="cpu", help="model and encoder device, e.g. cuda (default cpu)")
-    sp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (HF models)")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.set_defaults(func=cmd_eval)
+    add_eval_arguments(sp).set_defaults(func=lambda s, a: run_eval_command(a, _emit))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

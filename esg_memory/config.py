@@ -24,6 +24,7 @@ from .errors import ConfigError, EsgMemoryError, FormatError
 from .types import from_fields
 
 __all__ = [
+    "MODEL_DTYPES",
     "SETTLE_MODES",
     "STORAGE_DTYPES",
     "TUNED_KINDS",
@@ -32,11 +33,13 @@ __all__ = [
     "EditedModelConfig",
     "JournalConfig",
     "MemoryConfig",
+    "ModelDtype",
     "ServiceConfig",
     "SettleMode",
     "StorageDtype",
     "TuneMode",
     "TunedKind",
+    "check_model_dtype",
     "check_tune_mode",
 ]
 
@@ -44,8 +47,11 @@ SettleMode = Literal["background", "sync", "manual"]
 """When a delete re-fits its holders: see `MemoryConfig.settle`."""
 SETTLE_MODES: tuple[str, ...] = get_args(SettleMode)
 
-TuneMode = Literal["never", "sync", "background"]
-"""Whether an added or revised edit's adapter is tuned: never, before the call returns, or in a thread."""
+TuneMode = Literal["auto", "never", "sync", "background"]
+"""Whether an added or revised edit's adapter is tuned. ``"auto"`` (the default): the edit is written and
+compiled at once, then its own input is checked (does the model now give the edit's answer?) and the
+adapter tuned only when it does not, in a background thread; ``"never"``: compiled only, not checked;
+``"sync"`` / ``"background"``: always tuned, before the call returns / in a background thread."""
 TUNE_MODES: tuple[str, ...] = get_args(TuneMode)
 
 TunedKind = Literal["auto", "soft", "kv"]
@@ -55,6 +61,18 @@ TUNED_KINDS: tuple[str, ...] = get_args(TunedKind)
 StorageDtype = Literal["float16", "bfloat16", "float32"]
 """dtype tuned adapter parameters are stored in."""
 STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
+
+ModelDtype = Literal["float32", "float16", "bfloat16"]
+"""dtype a base model is loaded in (``load_base_model(dtype=)``, the CLI's ``--dtype``); each name is the
+torch dtype of that name."""
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
+
+
+def check_model_dtype(dtype: Any, what: str = "dtype") -> str:
+    """``dtype`` if it is one of `MODEL_DTYPES`, else `ConfigError` (before any model is loaded)."""
+    if not isinstance(dtype, str) or dtype not in MODEL_DTYPES:
+        raise ConfigError(f"{what} must be one of {', '.join(MODEL_DTYPES)}, not {dtype!r}")
+    return dtype
 
 
 def check_tune_mode(tune: Any, what: str = "tune", error: type[EsgMemoryError] = ConfigError) -> str:
@@ -298,8 +316,9 @@ class EditedModelConfig:
 
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     """How adapters are compiled, tuned and stored."""
-    tune: TuneMode = "never"
-    """Default for ``add_edit(tune=None)``."""
+    tune: TuneMode = "auto"
+    """Default for ``add_edit(tune=None)`` / ``revise_edit(tune=None)``: see `TuneMode` (``"auto"``: check the
+    edit's own input, tune in the background when it does not get the answer)."""
     n_paraphrases: int = 4
     """Generated question rewrites (``question_templates``) added to the tuning examples."""
     n_augmented_images: int = 2

@@ -100,11 +100,12 @@ def demo_pictures() -> dict[str, list[Image.Image]]:
 
 
 class _Story:
-    def __init__(self, model_spec: str, clip_spec: str):
+    def __init__(self, model_spec: str, clip_spec: str, placement: dict[str, Any] | None = None,
+                 encoder_device: Any = None):
         from .model import EditedModel
 
-        self.base, self.processor = load_base_model(model_spec)
-        self.encoder = load_encoder(clip_spec)
+        self.base, self.processor = load_base_model(model_spec, **(placement or {}))
+        self.encoder = load_encoder(clip_spec, device=encoder_device)
         # default adapters: "auto" tunes a full K/V prefix here, since the tiny model's fits in a few KiB
         memory = new_memory(self.encoder, clip_spec)
         self.model = EditedModel.wrap(self.base, self.processor, memory=memory, encoder=self.encoder)
@@ -349,15 +350,18 @@ def run_demo(
     model: str | None = None,
     clip: str | None = None,
     echo: Callable[[str], None] | None = None,
+    placement: dict[str, Any] | None = None,
+    encoder_device: Any = None,
 ) -> DemoReport:
     """Run the story, write ``report.html``, ``report.json`` and ``checks.png``.
 
-    Each step's table goes to ``echo`` (the CLI passes ``print``) or to the log.
+    Each step's table goes to ``echo`` (the CLI passes ``print``) or to the log. ``placement``: keywords of
+    `load_base_model` (``device``, ``dtype``, ``device_map``); ``encoder_device``: where the key encoder runs.
     """
     say = echo or logger.info
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    story = _Story(model or DEFAULT_MODEL, clip or DEFAULT_ENCODER)
+    story = _Story(model or DEFAULT_MODEL, clip or DEFAULT_ENCODER, placement, encoder_device)
     steps = []
     for step in _steps(story):
         steps.append(step)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ in the repo root (once) and install esg-memory with its extras into it.
-# Idempotent: a second run reuses .venv/ and skips pip when pyproject.toml has not changed.
+# Idempotent: a second run reuses .venv/ and skips pip when pyproject.toml and constraints.txt have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,10 +9,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.esg-memory-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import esg_memory, index" 2>/dev/null; then
   echo "setup: installing esg-memory[all] into .venv/ (first time: a few minutes, torch is large)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[all]"
+  # constraints.txt: the exact versions CI tests with (floors in pyproject.toml are those versions)
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[all]"
   echo "$want" > "$stamp"
 fi

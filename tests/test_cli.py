@@ -48,6 +48,8 @@ def test_add_list_show_revise_rollback_history_delete(capsys, mem):
         "oval",
         "--positive",
         "what shape does the image contain?",
+        "--tune",
+        "never",  # the default (auto) loads the model to check and tune: test_default_edits.py covers it
     )
     eid = added["edit_id"]
     assert added["version"] == 1
@@ -61,6 +63,8 @@ def test_add_list_show_revise_rollback_history_delete(capsys, mem):
         "what color is the shape?",
         "--answer",
         "cobalt",
+        "--tune",
+        "never",
     )
     assert second["edit_id"] != eid
 
@@ -69,7 +73,8 @@ def test_add_list_show_revise_rollback_history_delete(capsys, mem):
     shown = run_json(capsys, *mem, "show", str(eid))
     assert shown["answer"] == "oval" and shown["question"] == "what shape is in the image?"
 
-    assert run_json(capsys, *mem, "revise", str(eid), "--answer", "ellipse")["version"] == 2
+    revised = run_json(capsys, *mem, "revise", str(eid), "--answer", "ellipse", "--tune", "never")
+    assert revised["version"] == 2
     assert run_json(capsys, *mem, "show", str(eid))["answer"] == "ellipse"
     assert run_json(capsys, *mem, "rollback", str(eid), "--version", "1")["version"] == 3
     hist = run_json(capsys, *mem, "history", str(eid))
@@ -102,6 +107,8 @@ def test_table_output_is_readable(capsys, mem):
         "what shape is in the image?",
         "--answer",
         "oval",
+        "--tune",
+        "never",
     )
     rc, out, _ = run(capsys, *mem, "list")
     assert rc == EXIT_OK
@@ -114,7 +121,8 @@ def test_errors_are_one_line_with_exit_code(capsys, mem, tmp_path, monkeypatch):
     assert rc == EXIT_REFUSED and out == ""
     assert err.startswith("esg-memory: error:") and len(err.strip().splitlines()) == 1
     rc, _, err = run(
-        capsys, *mem, "add", "--image", str(tmp_path / "missing.png"), "--question", "q?", "--answer", "a"
+        capsys, *mem, "add", "--image", str(tmp_path / "missing.png"), "--question", "q?", "--answer", "a",
+        "--tune", "never",
     )
     assert rc == EXIT_REFUSED and "not found" in err and "Traceback" not in err
     assert run_json(capsys, *mem, "list") == []  # the failed add left nothing behind
@@ -166,6 +174,8 @@ def test_global_options_work_after_the_command_too(tmp_path):
             "what is the capital of france?",
             "--answer",
             "lyon",
+            "--tune",
+            "never",
             "--json",
         ],
         capture_output=True,
@@ -193,3 +203,82 @@ def test_global_options_work_after_the_command_too(tmp_path):
         timeout=300,
     )
     assert json.loads(both.stdout) == json.loads(after.stdout)
+
+
+# ------------------------------------------------------------------- --device / --dtype / --device-map
+
+
+def test_placement_options_are_checked_before_anything_loads(capsys, mem, monkeypatch):
+    import sys
+
+    from esg_memory.cli import build_parser
+
+    gen = ["generate", "--prompt", "what shape is in the image?"]
+    rc, _, err = run(capsys, *mem, "--device", "cpu", "--device-map", "auto", *gen)
+    assert rc == EXIT_REFUSED and "not both" in err
+    rc, _, err = run(capsys, *mem, "--device", "warp-drive", *gen)
+    assert rc == EXIT_REFUSED and "warp-drive" in err
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if it were not installed
+    rc, _, err = run(capsys, *mem, *gen, "--device-map", "auto")
+    assert rc == EXIT_REFUSED and "esg-memory[accelerate]" in err
+    with pytest.raises(SystemExit):  # one table of dtype names
+        build_parser().parse_args(["--dtype", "float64", *gen])
+    # declared once, for every command, before or after its name; eval reads the same ones
+    for argv in (["--device", "cuda", "--dtype", "float16", "eval"], ["eval", "--device", "cuda", "--dtype",
+                                                                        "float16"]):
+        args = build_parser().parse_args(argv)
+        assert (args.device, args.dtype, args.device_map) == ("cuda", "float16", None)
+    assert build_parser().parse_args(["route", "--device-map", "auto"]).device_map == "auto"
+    rc, _, err = run(capsys, *mem, "eval", "--device-map", "auto")
+    assert rc == EXIT_REFUSED and "--device" in err
+
+
+def test_load_base_model_places_and_casts(tmp_path):
+    import torch
+
+    from esg_memory.errors import ConfigError
+    from esg_memory.loading import MODEL_SPECS, load_base_model, register_model_spec
+    from esg_memory.tiny import build_tiny
+
+    calls = []
+    register_model_spec("test-placement-spy", lambda: calls.append(1))
+    assert "test-placement-spy" in MODEL_SPECS
+    for bad in ({"dtype": "float64"}, {"device": "cpu", "device_map": "auto"}, {"device": "warp"},
+                {"device_map": "warp"}):
+        with pytest.raises(ConfigError):
+            load_base_model("test-placement-spy", **bad)
+    assert calls == []  # refused before loading
+    model, _ = load_base_model("tiny-random-llava", dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16 and model.device == torch.device("cpu") and not model.training
+    model, _ = load_base_model("tiny-random-llava", device_map="auto")  # accelerate places it (the CPU here)
+    assert model.device.type == "cpu"
+    # a model directory: transformers' from_pretrained(dtype=) loads it in that dtype
+    saved, proc = build_tiny("llava", seed=0)
+    saved.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    model, _ = load_base_model(tmp_path / "model", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_generate_with_dtype_in_a_real_process(tmp_path):
+    # `esg-memory --dtype bfloat16 generate ...` as users type it: the model is loaded in that dtype
+    import subprocess
+    import sys
+
+    pic = str(_pictures()[0])
+    argv = [sys.executable, "-m", "esg_memory.cli", "--memory", str(tmp_path / "m"), "--json", "--debug",
+            "--dtype", "bfloat16", "--device", "cpu", "generate", "--image", pic, "--prompt", "what color?"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
+    assert "loaded on cpu as torch.bfloat16" in done.stderr
+    assert json.loads(done.stdout)["edit_id"] == -1 and isinstance(json.loads(done.stdout)["text"], str)
+
+
+def test_generate_with_float32_in_process(capsys, mem, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="esg_memory.cli"):
+        got = run_json(capsys, *mem, "--dtype", "float32", "--device", "cpu", "generate", "--image",
+                       str(_pictures()[0]), "--prompt", "what shape is in the image?")
+    assert got["edit_id"] == -1 and got["text"]
+    assert any("as torch.float32" in r.getMessage() for r in caplog.records)

@@ -126,7 +126,9 @@ def test_unreadable_files_and_text_fields(tmp_path):
         json.dumps([{**json.loads((FIX / "mmedit_vqa.json").read_text())[0], "image": "pictures/cat.jpg"}])
     )
     with pytest.raises(Exception, match="cannot find a subject id"):
-        load_mmedit(tmp_path / "s.json")
+        subject_of("pictures/cat.jpg")
+    # a picture without benchmark naming is a subject of its own: by its path in text-side mode
+    assert load_mmedit(tmp_path / "s.json").cases[0].subject == "file:pictures/cat.jpg"
 
 
 def test_load_dataset_with_pool_and_limit():
@@ -142,7 +144,8 @@ def test_load_dataset_with_pool_and_limit():
 
 
 def test_easyvqa_set_structure():
-    pytest.importorskip("easy_vqa")
+    import easy_vqa  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+
     from esg_memory.pretrained import derive_subjects  # noqa: F401  (the set's subjects come from it)
 
     ds = load_dataset("easyvqa", limit=30, seed=1)
@@ -204,3 +207,79 @@ def test_scenes_set_structure():
     ]
     with pytest.raises(Exception, match=rf"1\.\.{SCENES_MAX_EDITS}"):
         load_dataset("scenes", limit=SCENES_MAX_EDITS + 1)
+
+
+def _own_images_record(tmp_path: Path, **extra) -> tuple[Path, Path]:
+    """One MMEdit-format record naming the user's own pictures (no COCO ids), the PNGs in tmp_path."""
+    root = tmp_path / "my pictures"
+    root.mkdir(exist_ok=True)
+    colours = {"holiday.png": (200, 9, 9), "holiday again.png": (190, 20, 9), "street/dog.png": (9, 9, 200)}
+    for name, colour in colours.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), colour).save(root / name, format="PNG")
+    rec = {**json.loads((FIX / "mmedit_vqa.json").read_text())[0], "image": "holiday.png",
+           "image_rephrase": "holiday again.png", "m_loc": "street/dog.png", **extra}
+    data = tmp_path / f"own{len(extra)}.json"
+    data.write_text(json.dumps([rec]))
+    return data, root
+
+
+def test_any_image_names_subject_from_field_else_content_hash(tmp_path):
+    import hashlib
+
+    data, root = _own_images_record(tmp_path)
+    c = load_mmedit(data, "vqa", image_root=root).cases[0]
+    # no subject field, no benchmark naming: the picture's content hash (so image_rephrase is another subject)
+    assert c.subject == "sha256:" + hashlib.sha256((root / "holiday.png").read_bytes()).hexdigest()
+    assert c.image == str(root / "holiday.png") and c.image_rephrase == (str(root / "holiday again.png"),)
+    assert load_vlkeb(data, image_root=root).cases[0].subject == c.subject
+    # a record's own subject field wins, under an image root and in text-side mode alike
+    named, _ = _own_images_record(tmp_path, subject="my dog Rex")
+    assert load_mmedit(named, "vqa", image_root=root).cases[0].subject == "my dog Rex"
+    side = load_mmedit(named, "vqa").cases[0]
+    assert side.subject == "my dog Rex" and side.image_rephrase == (side.image,)  # one subject, one picture
+    assert side.m_loc.image != side.image
+    by_id, _ = _own_images_record(tmp_path, subject_id="rex-01")
+    assert load_mmedit(by_id, "vqa", image_root=root).cases[0].subject == "rex-01"
+    bad, _ = _own_images_record(tmp_path, subject="  ")
+    with pytest.raises(DatasetError, match="field 'subject' must be a non-empty str"):
+        load_mmedit(bad, "vqa", image_root=root)
+    # benchmark naming is still read where present
+    coco = load_mmedit(FIX / "mmedit_vqa.json", "vqa").cases[0]
+    assert coco.subject == "coco:58350"
+
+
+def test_counterfact_original_layout():
+    ds = load_text_records(FIX / "counterfact_original.json", "counterfact")
+    raw = json.loads((FIX / "counterfact_original.json").read_text())
+    assert len(ds.cases) == 3 and ds.image_mode == "none"
+    c = ds.cases[0]
+    rw = raw[0]["requested_rewrite"]
+    assert c.question == "The mother tongue of Danielle Darrieux is" and c.subject == rw["subject"]
+    assert (c.target, c.pred) == (rw["target_new"]["str"], rw["target_true"]["str"])
+    assert c.rephrase == raw[0]["paraphrase_prompts"][0]
+    assert (c.loc.question, c.loc.target) == (raw[0]["neighborhood_prompts"][0], "French")
+    assert ds.cases[1].question == "Toko Yasuda, the" and c.target not in c.revisions
+    # the EasyEdit layout of the same facts still loads, and gives the same edits
+    easy = load_text_records(FIX / "counterfact.json", "counterfact").cases
+    assert [(e.question, e.target) for e in easy] == [(x.question, x.target) for x in ds.cases[:2]]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda r: r.pop("requested_rewrite"), "missing field 'prompt'"),  # then read as EasyEdit's layout
+        (lambda r: r["requested_rewrite"].update(prompt="no slot"), "one '{}' for the subject"),
+        (lambda r: r["requested_rewrite"].pop("target_new"), "missing field 'target_new'"),
+        (lambda r: r["requested_rewrite"]["target_true"].update(str=""), "target_true: field 'str'"),
+        (lambda r: r.update(paraphrase_prompts=[]), "'paraphrase_prompts' must be a non-empty list"),
+        (lambda r: r.update(neighborhood_prompts=[3]), r"neighborhood_prompts\[0\]"),
+    ],
+)
+def test_counterfact_original_bad_records(tmp_path, mutate, match):
+    recs = json.loads((FIX / "counterfact_original.json").read_text())
+    mutate(recs[1])
+    f = tmp_path / "cf.json"
+    f.write_text(json.dumps(recs))
+    with pytest.raises(DatasetError, match=match):
+        load_text_records(f, "counterfact")

@@ -20,6 +20,7 @@ FILES = {
     "scope_audit.png",
     "scope_pareto.png",
     "probes.json",
+    "probes.jsonl",
 }
 METRICS = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
 
@@ -27,7 +28,8 @@ METRICS = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "au
 @pytest.fixture(scope="module")
 def shipped():
     """The embedded easy-vqa LLaVA and CLIP, loaded once for the module."""
-    pytest.importorskip("easy_vqa")
+    import easy_vqa  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+
     from esg_memory.loading import load_base_model, load_encoder
 
     return load_base_model("tiny-llava"), load_encoder("esg-easyvqa-clip")
@@ -155,6 +157,19 @@ def test_cli_text_side_run_with_tuned_adapters(tmp_path, capsys):
     summary = json.loads(captured.out)
     assert set(summary["files"]) == FILES and {p.name for p in out.iterdir()} == FILES
     res = json.loads((out / "results.json").read_text())
+    # probes.jsonl: probes.json's table a line per probe (ours, retention), the same values
+    cols = json.loads((out / "probes.json").read_text())["columns"]
+    lines = [json.loads(t) for t in (out / "probes.jsonl").read_text().splitlines()]
+    assert len(lines) == len(cols["kind"]) == res["scope"]["n_gen_probes"] + res["scope"]["n_loc_probes"]
+    for i, line in enumerate(lines):
+        assert (line["protocol"], line["method"], line["probe"]) == ("retention", "ours", cols["probe"][i])
+        assert (line["kind"], line["generated"], line["target"]) == (
+            cols["kind"][i], cols["answer"][i], cols["target"][i]
+        )
+        assert line["exact_match"] == cols["em"][i] and line["margin"] == cols["ours_margin"][i]
+        assert line["fired"] == (cols["ours_edit"][i] if cols["ours_edit"][i] >= 0 else None)
+        assert line["score"] == cols["ours_score"][i] and line["joint_cosine"] == cols["joint_cosine"][i]
+    assert any(line["fired"] is not None for line in lines)
     assert res["data"]["image_mode"] == "text-side" and res["config"]["encoder_spec"].startswith(
         "subject-id+"
     )
@@ -178,7 +193,8 @@ def test_text_records_immediate_only(tmp_path):
         protocol="immediate",
     )
     res = run_eval(cfg, tmp_path, progress=False)
-    assert {p.name for p in tmp_path.iterdir()} == FILES - {"scope_pareto.png", "probes.json"}  # no retention
+    no_retention = {"scope_pareto.png", "probes.json", "probes.jsonl"}
+    assert {p.name for p in tmp_path.iterdir()} == FILES - no_retention
     ours = res["methods"]["ours"]
     assert ours["retention"] is None and ours["interaction"] is None
     imm = ours["immediate"]

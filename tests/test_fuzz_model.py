@@ -33,7 +33,7 @@ def env(tmp_path_factory):
     snap = state_snapshot(model)
     em = EditedModel.wrap(model, proc, EditMemory(HashKeyEncoder(32), CFG))
     img = shape_image((220, 30, 30))
-    a = em.add_edit(img, Q, "purple")
+    a = em.add_edit(img, Q, "purple", tune="never")
     saved = tmp_path_factory.mktemp("em") / "saved"
     em.save(saved)
     return types.SimpleNamespace(em=em, model=model, proc=proc, snap=snap, img=img, a=a, saved=saved)

@@ -223,7 +223,12 @@ def test_newer_or_foreign_journal_is_refused(tmp_path):
     mem.close()
     seg = last_segment(path)
     data = seg.read_bytes()
-    head = struct.pack("<8sIQ", b"ESGJOURN", 2, 1)
+    from esg_memory.persist import JOURNAL_VERSION
+
+    old = struct.pack("<8sIQ", b"ESGJOURN", 1, 1)  # version 1 (before batch attachments) still reads
+    seg.write_bytes(old + struct.pack("<I", zlib.crc32(old)) + data[24:])
+    assert len(EditMemory.load(path, ENC)) == 1
+    head = struct.pack("<8sIQ", b"ESGJOURN", JOURNAL_VERSION + 1, 1)
     seg.write_bytes(head + struct.pack("<I", zlib.crc32(head)) + data[24:])
     with pytest.raises(FormatError, match="newer"):
         EditMemory.load(path, ENC)

@@ -45,7 +45,7 @@ def test_input_edge_cases():
     # empty memory: any call is the bare call, routing info or not
     with torch.no_grad():
         assert torch.equal(em.generate(**inputs, max_new_tokens=3, do_sample=False), bare)
-    em.add_edit(img, Q, "purple")
+    em.add_edit(img, Q, "purple", tune="never")
     with pytest.raises(InvalidInputError, match="not both"):
         em.generate(prompts=[Q], images=[img], input_ids=inputs["input_ids"])
     with pytest.raises(InvalidInputError, match="one entry per row"):
@@ -95,7 +95,7 @@ def test_bad_or_foreign_stored_adapters_are_recompiled(caplog):
     model, proc = tiny("llava")
     em = EditedModel.wrap(model, proc, EditMemory(tiny_encoder()))
     img = shape_image((220, 30, 30))
-    eid = em.add_edit(img, Q, "purple")
+    eid = em.add_edit(img, Q, "purple", tune="never")
     good = em.memory.attachment(eid, "adapter")
     inputs, _ = bare_generate(model, proc, [img], [Q], max_new_tokens=1)
     with torch.no_grad():

@@ -119,7 +119,7 @@ def wrapped():
     model, proc = tiny("llava")
     em = EditedModel.wrap(model, proc, EditMemory(tiny_encoder()))
     img = shape_image((220, 30, 30), "circle")
-    eid = em.add_edit(img, "what color is the shape?", "purple")
+    eid = em.add_edit(img, "what color is the shape?", "purple", tune="never")
     return em, model, proc, img, eid
 
 

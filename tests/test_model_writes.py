@@ -53,12 +53,12 @@ def test_add_revise_and_rollback_attach_their_adapter_before_returning():
     mem = _ReadOnlyAttach(HashKeyEncoder(32))
     em = EditedModel.wrap(model, proc, mem)
     img = shape_image((220, 30, 30))
-    eid = em.add_edit(img, Q, "purple")
+    eid = em.add_edit(img, Q, "purple", tune="never")
     stored = Adapter.from_bytes(mem.attachment(eid, ADAPTER_KIND))
     assert mem.attaches == 1 and (stored.kind, stored.edit_id, stored.version) == ("compiled", eid, 1)
     assert stored.model == em.runtime.fingerprint
     assert torch.equal(stored.token_ids, em.runtime.statement_ids(Q, "purple"))
-    v2 = em.revise_edit(eid, answer="teal")
+    v2 = em.revise_edit(eid, answer="teal", tune="never")
     assert v2 == 2 and mem.attaches == 2
     assert torch.equal(Adapter.from_bytes(mem.attachment(eid, ADAPTER_KIND, version=2)).token_ids,
                        em.runtime.statement_ids(Q, "teal"))
@@ -83,7 +83,7 @@ def test_reads_never_attach_even_when_the_adapter_is_missing():
     mem = _ReadOnlyAttach(HashKeyEncoder(32))
     em = EditedModel.wrap(model, proc, mem)
     img, other = shape_image((220, 30, 30)), shape_image((30, 30, 220), "tri")
-    with_model = em.add_edit(img, Q, "purple")
+    with_model = em.add_edit(img, Q, "purple", tune="never")
     without = mem.add(image=other, question=Q2, answer="hexagon")  # added to without a model
     assert mem.attachment(without, ADAPTER_KIND) is None
     mem.armed = True
@@ -111,7 +111,7 @@ def test_a_durable_memory_journals_nothing_across_reads(tmp_path):
     em = EditedModel.wrap(model, proc, EditMemory.open(d, HashKeyEncoder(32)))
     try:
         img, other = shape_image((220, 30, 30)), shape_image((30, 200, 30), "rect")
-        em.add_edit(img, Q, "purple")
+        em.add_edit(img, Q, "purple", tune="never")
         em.memory.add(image=other, question=Q2, answer="square")  # journaled without an adapter
         size = _journal_bytes(d)
         assert size > 0

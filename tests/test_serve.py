@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import sys
 import threading
@@ -12,21 +13,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fastapi  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+import httpx
 import pytest
+import uvicorn  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+from _serve_fixtures import AUTH, GREEN, PURPLE, TOKEN, Q, running
+from PIL import Image
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-from _serve_fixtures import AUTH, GREEN, PURPLE, TOKEN, Q, running  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from esg_memory.errors import ConfigError, LockError  # noqa: E402
-from esg_memory.serve import add_serve_arguments, create_app, load_token  # noqa: E402
-from esg_memory.serve.batch import MicroBatcher  # noqa: E402
-from esg_memory.serve.directory import DirectoryLock  # noqa: E402
-from esg_memory.serve.metrics import Metrics  # noqa: E402
-from index import RWLock  # noqa: E402
+from esg_memory.errors import ConfigError, LockError
+from esg_memory.serve import add_serve_arguments, create_app, load_token
+from esg_memory.serve.batch import MicroBatcher
+from esg_memory.serve.directory import DirectoryLock
+from esg_memory.serve.metrics import Metrics
+from index import RWLock
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 
@@ -37,7 +36,7 @@ def wrap(serve_base, memory=None):
 
     model, processor, encoder = serve_base
     # no generated paraphrases/augmentations: tuning on one example keeps the test in seconds
-    cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
+    cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0, tune="never")
     return EditedModel.wrap(model, processor, memory=memory, encoder=encoder, config=cfg)
 
 
@@ -139,11 +138,12 @@ def test_background_tuning_is_persisted_when_it_finishes(serve_base, tmp_path):
         assert r.status_code == 201 and r.json()["tune"] == {"mode": "background", "status": "queued"}
         eid = r.json()["id"]
         deadline = time.monotonic() + 60
-        while (t := c.get(f"/edits/{eid}").json()["tuning"])["pending"] and time.monotonic() < deadline:
+        while (t := c.get(f"/edits/{eid}").json())["tuning"] == "pending" and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not t["pending"] and t["report"]["steps"] >= 1
+        assert t["tuning"] == "done" and t["tune_report"]["steps"] >= 1
+        assert isinstance(t["gives_answer"], bool)  # checked after tuning
         live = em.memory.attachment(eid, "adapter")
-        assert Adapter.from_bytes(live).kind == t["report"]["kind"] != "compiled"
+        assert Adapter.from_bytes(live).kind == t["tune_report"]["kind"] != "compiled"
     on_disk = wrap(serve_base, memory=mem).memory.attachment(eid, "adapter")
     assert on_disk == live
 
@@ -251,16 +251,26 @@ def test_bad_uploads_rejected_and_nothing_written(serve_base, tmp_path):
 # ------------------------------------------------------------------------------------------ metrics
 
 
-def _sample(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
+def _families(text: str) -> dict[str, object]:
+    """The scrape parsed by prometheus_client's own parser: family name -> family."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of sample ``name`` with exactly ``labels`` (0 when absent)."""
+    for fam in _families(text).values():
+        for s in fam.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
     return 0.0
 
 
 def test_metrics_count_requests_latency_edits_hits(serve_base, tmp_path):
     with running(create_app(wrap(serve_base), tmp_path / "m", token=TOKEN)) as url, \
             httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        before = c.get("/metrics").text
         eid = add(c, PURPLE, Q, "purple").json()["id"]
         for _ in range(3):
             assert gen(c, PURPLE, Q, n=2)["edit_id"] == eid
@@ -270,20 +280,30 @@ def test_metrics_count_requests_latency_edits_hits(serve_base, tmp_path):
         r = c.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         m = r.text
-        req = 'esg_memory_http_requests_total{endpoint="/generate",method="POST",status="200"}'
-        assert _sample(m, req) == 4
-        assert _sample(m, 'esg_memory_http_requests_total{endpoint="/edits",method="POST",status="201"}') == 1
-        assert _sample(m, 'esg_memory_http_requests_total{endpoint="/edits/{edit_id}",method="GET",'
-                          'status="404"}') == 1
-        unmatched = 'esg_memory_http_requests_total{endpoint="unmatched",method="GET",status="404"}'
-        assert _sample(m, unmatched) == 1
-        assert _sample(m, 'esg_memory_http_request_seconds_count{endpoint="/generate",method="POST"}') == 4
-        assert _sample(m, 'esg_memory_http_request_seconds_bucket{endpoint="/generate",method="POST",'
-                          'le="+Inf"}') == 4
+        fams = _families(m)
+        for name in ("esg_memory_http_requests", "esg_memory_edit_hits", "esg_memory_generate_rows",
+                     "esg_memory_writes"):
+            assert fams[name].type == "counter", name
+        assert fams["esg_memory_http_request_seconds"].type == "histogram"
+        assert fams["esg_memory_edits"].type == "gauge"
+        req = "esg_memory_http_requests_total"
+        assert _sample(m, req, endpoint="/generate", method="POST", status="200") == 4
+        assert _sample(m, req, endpoint="/edits", method="POST", status="201") == 1
+        assert _sample(m, req, endpoint="/edits/{edit_id}", method="GET", status="404") == 1
+        assert _sample(m, req, endpoint="unmatched", method="GET", status="404") == 1
+        assert _sample(m, "esg_memory_http_request_seconds_count", endpoint="/generate", method="POST") == 4
+        assert _sample(m, "esg_memory_http_request_seconds_bucket", endpoint="/generate", method="POST",
+                       le="+Inf") == 4
         assert _sample(m, "esg_memory_edits") == 1
         assert _sample(m, "esg_memory_edit_hits_total") == 3
         assert _sample(m, "esg_memory_generate_rows_total") == 4
+        assert _sample(m, "esg_memory_writes_total", op="add") == 1
         assert _sample(m, "esg_memory_persist_seconds_count") == 1
+        # counters only go up: the scrape before the requests saw less (the first /metrics, not counted yet)
+        assert _sample(before, req, endpoint="/generate", method="POST", status="200") == 0
+        assert _sample(before, "esg_memory_edits") == 0
+        again = c.get("/metrics").text
+        assert _sample(again, req, endpoint="/metrics", method="GET", status="200") == 2
         assert c.get(f"/edits/{eid}").json()["hits"] == 3
         # seeded sampling runs alone (never batched with others), so it is reproducible
         opts = {"do_sample": "true", "temperature": "1.5", "top_p": "0.9", "seed": "7"}
@@ -448,18 +468,34 @@ def test_rwlock_writer_is_not_starved():
 def test_metrics_render_format():
     m = Metrics()
     m.counter("x_total", "X.")
+    m.counter("hits", "H.")
     m.histogram("lat_seconds", "L.", (0.1, 1.0))
     m.gauge("g", "G.", lambda: 3)
+    m.gauge("broken", "B.", lambda: 1 / 0)
     m.inc("x_total", path='a"b')
+    m.inc("hits", 2)
     m.observe("lat_seconds", 0.5)
     m.observe("lat_seconds", 5.0)
     text = m.render()
-    assert '# TYPE esg_memory_x_total counter' in text
-    assert 'esg_memory_x_total{path="a\\"b"} 1' in text
-    assert 'esg_memory_lat_seconds_bucket{le="0.1"} 0' in text
-    assert 'esg_memory_lat_seconds_bucket{le="1"} 1' in text
-    assert 'esg_memory_lat_seconds_bucket{le="+Inf"} 2' in text
-    assert "esg_memory_lat_seconds_sum 5.5" in text and "esg_memory_g 3" in text
+    fams = _families(text)
+    # counters keep one _total suffix whether or not the declared name has it
+    assert fams["esg_memory_x"].type == "counter" and fams["esg_memory_hits"].type == "counter"
+    assert 'esg_memory_x_total{path="a\\"b"} 1.0' in text
+    assert _sample(text, "esg_memory_x_total", path='a"b') == 1 == m.value("x_total", path='a"b')
+    assert _sample(text, "esg_memory_hits_total") == 2 == m.value("hits") == m.value("hits_total")
+    assert m.value("x_total", path="never") == 0
+    assert _sample(text, "esg_memory_lat_seconds_bucket", le="0.1") == 0
+    assert _sample(text, "esg_memory_lat_seconds_bucket", le="1.0") == 1
+    assert _sample(text, "esg_memory_lat_seconds_bucket", le="+Inf") == 2
+    assert _sample(text, "esg_memory_lat_seconds_sum") == 5.5 and _sample(text, "esg_memory_g") == 3
+    assert math.isnan(_sample(text, "esg_memory_broken"))  # a broken gauge does not break the scrape
+    with pytest.raises(ValueError, match="labels"):
+        m.inc("hits", op="x")  # label names are fixed by the first use
+    with pytest.raises(KeyError):
+        m.inc("undeclared")
+    other = Metrics()  # one registry per instance: nothing shared
+    other.counter("hits", "H.")
+    assert other.value("hits") == 0
 
 
 def test_directory_lock_token_loading_and_cli_arguments(tmp_path, monkeypatch):
@@ -523,13 +559,13 @@ def test_unjournaled_write_is_refused_and_not_applied(serve_base, tmp_path, monk
 
         monkeypatch.setattr(os, "fdatasync", full)
         with pytest.raises(OSError):
-            svc.add_edit(PURPLE, Q, "purple")
+            svc.add_edit(PURPLE, Q, "purple", tune="never")
         assert len(em.memory) == 0
         assert svc.health()["status"] == "degraded" and "No space" in svc.health()["last_persist_error"]
         row = svc.generate([(Image.open(io.BytesIO(PURPLE)), Q)], GenerateOptions(max_new_tokens=2))[0]
         assert row["edit_id"] is None
         monkeypatch.setattr(os, "fdatasync", real)
-        eid = svc.add_edit(PURPLE, Q, "purple")["id"]
+        eid = svc.add_edit(PURPLE, Q, "purple", tune="never")["id"]
         assert svc.health()["status"] == "ok"
     finally:
         monkeypatch.setattr(os, "fdatasync", real)

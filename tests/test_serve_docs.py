@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import fastapi  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+import httpx
+import swagger_ui_bundle  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+import uvicorn  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+from _serve_fixtures import TOKEN, running
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("swagger_ui_bundle")
-httpx = pytest.importorskip("httpx")
-
-from _serve_fixtures import TOKEN, running  # noqa: E402
-
-from esg_memory.serve import create_app  # noqa: E402
+from esg_memory.serve import create_app
 
 
 def test_docs_page_and_its_assets_are_served_locally(serve_base, tmp_path):

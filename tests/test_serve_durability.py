@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastapi  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+import httpx
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
-from _serve_fixtures import AUTH, GREEN, PURPLE, TOKEN, Q, running  # noqa: E402
+import uvicorn  # noqa: F401  (an [all] extra: missing means failing, never skipping)
+from _serve_fixtures import AUTH, GREEN, PURPLE, TOKEN, Q, running
 
 _SERVER = """
 import os, sys, time
@@ -28,7 +26,7 @@ from esg_memory.model import EditedModel
 from esg_memory.config import EditedModelConfig
 from esg_memory.serve import create_app, running_server
 model, processor = load_base_model("tiny-random-llava")
-cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
+cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0, tune="never")
 em = EditedModel.wrap(model, processor, memory=None, encoder=load_encoder("esg-tiny-clip"), config=cfg)
 app = create_app(em, {mem!r}, token={token!r})
 with running_server(app) as url:
@@ -68,7 +66,7 @@ def test_sigkilled_server_restarts_with_every_acknowledged_write(serve_base, tmp
     snapshot = json.loads((mem / "memory" / "snapshot" / "memory.json").read_text())
     assert snapshot["edits"] == [] and any((mem / "memory" / "journal").iterdir())
     model, processor, enc = serve_base
-    cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
+    cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0, tune="never")
     em = EditedModel.wrap(model, processor, memory=mem, encoder=enc, config=cfg)
     assert {e.id: (e.version, e.answer) for e in em.memory.list()} == acked
     # the dead server's locks are gone: a new writable server starts and serves the edits
@@ -92,12 +90,12 @@ def test_edited_model_on_a_durable_directory(serve_base, tmp_path):
     from esg_memory.model import ADAPTER_KIND, EditedModel
 
     model, processor, enc = serve_base
-    cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0)
+    cfg = EditedModelConfig(n_paraphrases=0, n_augmented_images=0, tune="never")
     d = tmp_path / "wrapped"
     em = EditedModel.wrap(model, processor, memory=d, encoder=enc, config=cfg, durable=True)
     try:
         assert (d / "edited_model.json").is_file() and em.memory.durable_path == (d / "memory").resolve()
-        eid = em.add_edit(None, "who painted the mona lisa?", "leonardo")
+        eid = em.add_edit(None, "who painted the mona lisa?", "leonardo", tune="never")
         with pytest.raises(LockError):
             EditedModel.wrap(model, processor, memory=d, encoder=enc, durable=True)
         # a reader sees the edit and its compiled adapter at once (journaled before add_edit returned)

@@ -279,6 +279,23 @@ class CachedTowers:
     def _forward_texts(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def to(self, device: Any) -> CachedTowers:
+        """Run the towers on ``device`` from now on; returns this encoder. Only the device changes: the
+        towers keep their own dtype (float32), so keys stay the ones the memory's thresholds were fitted
+        on (`EditedModel.to` moves the encoder this way and never casts it). Cached embeddings are kept
+        (they are content-keyed float32 vectors on the CPU)."""
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ConfigError(f"bad device {device!r}: {e}") from None
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.to(device=dev)
+        self.device = dev
+        return self
+
     def cache_info(self) -> CacheInfo:
         """Hits and misses of the embedding cache (one lookup per image or text in a call)."""
         return self._cache.info()

@@ -124,6 +124,14 @@ class CompositeKeyEncoder:
         rows = as_rows(texts, "texts")
         return self.encode([None] * len(rows), rows)
 
+    def to(self, device: Any) -> CompositeKeyEncoder:
+        """Move both sub-encoders that can move (`CachedTowers.to`: device only, dtype kept); returns self."""
+        for enc in (self.text_encoder, self.image_encoder):
+            move = getattr(enc, "to", None)
+            if callable(move):
+                move(device)
+        return self
+
     def cache_info(self) -> CacheInfo:
         """The two sub-encoders' cache counters, added up."""
         infos = [e.cache_info() for e in (self.text_encoder, self.image_encoder) if hasattr(e, "cache_info")]

@@ -13,6 +13,16 @@ folder for VLKEB, whose two photos show the same entity). Pictures of one subjec
 and pictures of different subjects unrelated: an oracle image recognizer that leaves the text side
 carrying all the difficulty. The dataset says so (``image_mode = "text-side"``) and the results file
 records it; nothing is ever silently replaced by a blank image.
+
+Subject ids (`picture_subject`), for any file names: the record's ``subject`` / ``subject_id`` field
+when it has one (it names the subject of ``image`` and ``image_rephrase``); else the benchmark's
+naming (`subject_of`: COCO id, VLKEB folder); else the picture itself — the sha256 of the file's bytes
+under an image root, its path in text-side mode (no bytes to read). Without a subject field such a
+record's ``image_rephrase`` is then a subject of its own (I-Gen asks about another subject).
+
+CounterFact is read in EasyEdit's text-editing layout or in its original layout (ROME's
+``counterfact.json``: ``requested_rewrite`` with a ``{}`` prompt, ``paraphrase_prompts``,
+``neighborhood_prompts``), told apart per record.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ __all__ = [
     "load_pool",
     "load_text_records",
     "load_vlkeb",
+    "picture_subject",
     "subject_of",
     "subject_png",
 ]
@@ -97,6 +108,33 @@ def subject_of(path: str) -> str:
     return f"coco:{int(m.group(1))}"
 
 
+def picture_subject(rel: str, root: str | Path | None = None, given: str | None = None) -> str:
+    """The subject id of a record's picture at ``rel``: ``given`` (the record's subject field), else the
+    benchmark naming (`subject_of`), else ``sha256:<hex>`` of the file's bytes under ``root``, else (no
+    root: text-side mode) ``file:<rel>``. See the module docstring."""
+    if given is not None:
+        return given
+    try:
+        return subject_of(rel)
+    except InvalidInputError:
+        pass
+    if root is None:
+        return f"file:{rel}"
+    p = Path(root) / rel
+    try:
+        return "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+    except OSError as e:
+        raise ImageError(f"image file {str(p)!r} cannot be read ({e.strerror or e})") from None
+
+
+def _record_subject(rec: Mapping[str, Any], where: str) -> str | None:
+    """The record's own ``subject`` / ``subject_id`` field (a non-empty string), or None."""
+    for name in ("subject", "subject_id"):
+        if name in rec:
+            return _field(rec, name, where)
+    return None
+
+
 def subject_png(subject: str) -> bytes:
     """The text-side placeholder picture of a subject: 8x8 PNG of pixels seeded by the subject id."""
     from PIL import Image
@@ -122,9 +160,10 @@ class _Images:
     def mode(self) -> str:
         return "text-side" if self.root is None else "files"
 
-    def __call__(self, rel: str, where: str) -> ImageRef:
+    def __call__(self, rel: str, where: str, subject: str | None = None) -> ImageRef:
+        """The picture at ``rel``; ``subject`` (text-side mode): the record's subject field."""
         if self.root is None:
-            s = subject_of(rel)
+            s = picture_subject(rel, None, subject)
             if s not in self._png:
                 self._png[s] = subject_png(s)
             return self._png[s]
@@ -207,6 +246,7 @@ def load_mmedit(
     for i, r in enumerate(recs):
         where = f"{Path(path).name} record {i}"
         v = {f: _field(r, f, where) for f in _MMEDIT_FIELDS}
+        v["subject"] = _record_subject(r, where)
         port: list[Probe] = []
         if kind == "vlkeb" and "port_new" in r:
             items = r["port_new"]
@@ -215,14 +255,14 @@ def load_mmedit(
             for j, p in enumerate(items):
                 pw = f"{where} port_new[{j}]"
                 q, a = (_field(p, f, pw) for f in _PORT_FIELDS)
-                port.append(Probe("portability", img(v["image"], where), q, a))
+                port.append(Probe("portability", img(v["image"], where, v["subject"]), q, a))
         loc_q = v["loc"].removeprefix("nq question:").strip() or v["loc"]
         rows.append((i, v, tuple(port), loc_q))
     targets = [v["alt"] for _, v, _, _ in rows]
     cases = []
     for i, v, port, loc_q in rows:
         where = f"{Path(path).name} record {i}"
-        image, other = img(v["image"], where), img(v["m_loc"], where)
+        image, other = img(v["image"], where, v["subject"]), img(v["m_loc"], where)
         cases.append(
             EditCase(
                 uid=f"{source}:{i}",
@@ -231,9 +271,9 @@ def load_mmedit(
                 question=v["src"],
                 target=v["alt"],
                 pred=v["pred"],
-                subject=subject_of(v["image"]),
+                subject=picture_subject(v["image"], img.root, v["subject"]),
                 rephrase=v["rephrase"],
-                image_rephrase=(img(v["image_rephrase"], where),),
+                image_rephrase=(img(v["image_rephrase"], where, v["subject"]),),
                 loc=Probe("t_loc", None, loc_q, v["loc_ans"]),
                 m_loc=Probe("m_loc", other, v["m_loc_q"], v["m_loc_a"]),
                 hard=_hard(v, image, other, kind),
@@ -254,13 +294,18 @@ def load_vlkeb(
 
 
 def load_text_records(path: str | Path, kind: str = "zsre", limit: int | None = None) -> EvalDataset:
-    """Text-only CounterFact / zsRE records in EasyEdit's editing format (no image; I-Gen, M-Loc absent)."""
+    """Text-only CounterFact / zsRE records in EasyEdit's editing format, CounterFact also in its original
+    layout (no image; I-Gen, M-Loc absent)."""
     if kind not in ("counterfact", "zsre"):
         raise InvalidInputError(f"text record kind must be 'counterfact' or 'zsre', not {kind!r}")
     recs = _limit(_records(path), limit)
-    vals = [
-        {f: _field(r, f, f"{Path(path).name} record {i}") for f in _TEXT_FIELDS} for i, r in enumerate(recs)
-    ]
+    vals = []
+    for i, r in enumerate(recs):
+        where = f"{Path(path).name} record {i}"
+        if kind == "counterfact" and isinstance(r, Mapping) and "requested_rewrite" in r:
+            vals.append(_counterfact_original(r, where))
+        else:
+            vals.append({f: _field(r, f, where) for f in _TEXT_FIELDS})
     targets = [v["target_new"] for v in vals]
     cases = [
         EditCase(
@@ -269,6 +314,7 @@ def load_text_records(path: str | Path, kind: str = "zsre", limit: int | None = 
             image=None,
             question=v["prompt"],
             target=v["target_new"],
+            pred=v.get("ground_truth"),
             subject=v["subject"],
             rephrase=v["rephrase_prompt"],
             loc=Probe("t_loc", None, v["locality_prompt"], v["locality_ground_truth"]),
@@ -277,6 +323,34 @@ def load_text_records(path: str | Path, kind: str = "zsre", limit: int | None = 
         for i, v in enumerate(vals)
     ]
     return EvalDataset(kind, cases, "none", source=f"{kind} {Path(path).name}")
+
+
+def _counterfact_original(r: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """One record of CounterFact's original layout (ROME's ``counterfact.json``) as the EasyEdit fields:
+    the rewrite's prompt with the subject filled in, its ``target_new``, the first paraphrase prompt
+    (T-Gen) and the first neighbourhood prompt (T-Loc, a subject that keeps the true answer)."""
+    rw = _field(r, "requested_rewrite", where, dict)
+    rww = f"{where} requested_rewrite"
+    prompt, subject = _field(rw, "prompt", rww), _field(rw, "subject", rww)
+    if prompt.count("{}") != 1:
+        raise DatasetError(f"{rww}: field 'prompt' must hold one '{{}}' for the subject, got {prompt!r}")
+    new = _field(_field(rw, "target_new", rww, dict), "str", f"{rww} target_new")
+    true = _field(_field(rw, "target_true", rww, dict), "str", f"{rww} target_true")
+    lists = {}
+    for name in ("paraphrase_prompts", "neighborhood_prompts"):
+        items = _field(r, name, where, list)
+        if not items:
+            raise DatasetError(f"{where}: field {name!r} must be a non-empty list")
+        lists[name] = _field({name: items[0]}, name, f"{where} {name}[0]")
+    return {
+        "prompt": prompt.replace("{}", subject),
+        "subject": subject,
+        "target_new": new,
+        "ground_truth": true,
+        "rephrase_prompt": lists["paraphrase_prompts"],
+        "locality_prompt": lists["neighborhood_prompts"],
+        "locality_ground_truth": true,
+    }
 
 
 def load_pool(

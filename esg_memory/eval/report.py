@@ -13,7 +13,14 @@ from index import atomic_write_bytes
 from ..errors import ConfigError
 from .aggregate import EDIT_GEN_KINDS
 
-__all__ = ["check_plotting", "environment", "render_markdown", "strip_timings", "write_outputs"]
+__all__ = [
+    "check_plotting",
+    "environment",
+    "probe_lines",
+    "render_markdown",
+    "strip_timings",
+    "write_outputs",
+]
 
 _COLS = (
     ("reliability", "Rel"),
@@ -246,14 +253,51 @@ def scope_markdown(sc: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+#: ``probes.jsonl`` names for ``probes.json`` columns (the others keep their names).
+_PROBE_LINE_NAMES = {
+    "answer": "generated",
+    "em": "exact_match",
+    "ours_score": "score",
+    "ours_threshold": "threshold",
+    "ours_margin": "margin",
+}
+
+
+def probe_lines(columns: dict[str, Any], protocol: str = "retention", method: str = "ours") -> list[dict]:
+    """``probes.json``'s column-wise table as one dict per probe (the lines of ``probes.jsonl``): the
+    probe's ``kind``, ``protocol``, ``method``, the ``generated`` text, ``target``, ``exact_match``, the
+    edit that ``fired`` (id, or None), ``score`` / ``threshold`` / ``margin``, then every other column."""
+    names = list(columns)
+    n = len(columns[names[0]]) if names else 0
+    out = []
+    for i in range(n):
+        row = {_PROBE_LINE_NAMES.get(k, k): columns[k][i] for k in names}
+        fired = row.pop("ours_edit", -1)
+        head = {
+            "probe": row.pop("probe", i),
+            "case": row.pop("case", None),
+            "kind": row.pop("kind", None),
+            "protocol": protocol,
+            "method": method,
+            "generated": row.pop("generated", None),
+            "target": row.pop("target", None),
+            "exact_match": row.pop("exact_match", None),
+            "fired": None if fired is None or fired < 0 else int(fired),
+        }
+        out.append({**head, **row})
+    return out
+
+
 def write_outputs(results: dict[str, Any], out: Path, probes: dict[str, Any] | None = None) -> None:
     """``results.json`` (atomic), ``results.md``, the PNG plots and, given the per-probe table,
-    ``probes.json`` into ``out``."""
+    ``probes.json`` (column-wise) and ``probes.jsonl`` (the same, a line per probe) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results["files"] = ["results.json", "results.md", *_plots(results, out), *_pareto(results, out)]
     if probes is not None:
         doc = {"format": "esg-memory-eval-probes", "format_version": 1, "columns": probes}
         atomic_write_bytes(out / "probes.json", json.dumps(doc).encode("utf-8"))
-        results["files"].append("probes.json")
+        lines = "".join(json.dumps(r) + "\n" for r in probe_lines(probes))
+        atomic_write_bytes(out / "probes.jsonl", lines.encode("utf-8"))
+        results["files"] += ["probes.json", "probes.jsonl"]
     atomic_write_bytes(out / "results.md", render_markdown(results).encode("utf-8"))
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, sort_keys=False).encode("utf-8"))

@@ -206,9 +206,21 @@ class EditMemory:
         }
         return self.add_many([spec])[0]
 
-    def add_many(self, edits: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Add several edits atomically (all or none); returns their ids in order."""
-        return self._writer.add_many(edits)
+    def add_many(
+        self,
+        edits: Sequence[Mapping[str, Any]],
+        *,
+        attachments: Callable[[int, str, str], Mapping[str, bytes]] | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> list[int]:
+        """Add several edits atomically (all or none) as one write (one journal record); returns their ids
+        in order. Every edit is checked before anything is encoded.
+
+        ``attachments(edit_id, question, answer) -> {kind: bytes}``: attachments of each new edit's first
+        version (e.g. its compiled adapter, `esg_memory.bulk`), stored by the same write. ``progress()``
+        is called once per edit as it is encoded.
+        """
+        return self._writer.add_many(edits, attachments, progress)
 
     def revise(
         self,
@@ -342,6 +354,14 @@ class EditMemory:
         if data is None:
             raise ImageError(f"no stored image with sha256 {sha256!r}")
         return decode_image(data, f"stored image {sha256[:12]}")
+
+    def image_bytes(self, sha256: str) -> bytes:
+        """The stored bytes of an image (as given to the write that stored it), by sha256."""
+        with self._lock:
+            data = self._state.blobs.get(sha256) if isinstance(sha256, str) else None
+        if data is None:
+            raise ImageError(f"no stored image with sha256 {sha256!r}")
+        return bytes(data)
 
     def keys_of(self, edit_id: int) -> tuple[np.ndarray, np.ndarray]:
         """The edit's fitted keys (n, dim) and thresholds (n,) (copies)."""

@@ -65,9 +65,11 @@ class NewEdit:
     image: str | None
     positives: tuple[dict[str, Any], ...]  # `types.Positive.to_dict()` each
     metadata: Mapping[str, Any]
+    attachments: Mapping[str, str] = field(default_factory=dict)
+    """Attachments of the first version stored with the add (kind -> sha256; e.g. a compiled adapter)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "edit_id": self.edit_id,
             "question": self.question,
             "answer": self.answer,
@@ -75,6 +77,9 @@ class NewEdit:
             "positives": [dict(p) for p in self.positives],
             "metadata": self.metadata,
         }
+        if self.attachments:  # absent when empty: records without attachments are as they always were
+            d["attachments"] = dict(self.attachments)
+        return d
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,11 @@ def op_from_dict(d: Any, what: str = "operation") -> Op:
         for e in edits:
             if not isinstance(e, Mapping) or not isinstance(e.get("positives", []), list):
                 raise FormatError(f"{what}: malformed added edit")
+            atts = e.get("attachments", {})
+            if not isinstance(atts, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in atts.items()
+            ):
+                raise FormatError(f"{what}: 'attachments' of an added edit must map kinds to sha256s")
             out.append(
                 NewEdit(
                     edit_id=_int(e, "edit_id", what),
@@ -199,6 +209,7 @@ def op_from_dict(d: Any, what: str = "operation") -> Op:
                     image=_opt_str(e, "image", what),
                     positives=tuple(e.get("positives", [])),
                     metadata=e.get("metadata") or {},
+                    attachments=dict(atts),
                 )
             )
         return AddEdits(time=float(d.get("time", 0.0)), edits=tuple(out))
@@ -295,10 +306,20 @@ class Effects:
         )
 
 
-def effects_of(op: Op, attachment: bytes | None = None) -> Effects:
-    """The bookkeeping an op implies (``attachment``: the bytes of an `Attach`)."""
+def effects_of(op: Op, attachment: bytes | Mapping[str, bytes] | None = None) -> Effects:
+    """The bookkeeping an op implies. ``attachment``: the bytes of an `Attach`; for an `AddEdits` whose
+    edits carry attachments, their bytes by sha256."""
     if isinstance(op, AddEdits):
-        return Effects(next_id=max(e.edit_id for e in op.edits) + 1 if op.edits else None)
+        atts = attachment if isinstance(attachment, Mapping) else {}
+        try:
+            sets = tuple(
+                SetAttachment(e.edit_id, 1, kind, bytes(atts[sha]))
+                for e in op.edits
+                for kind, sha in sorted(e.attachments.items())
+            )
+        except KeyError as e:
+            raise FormatError(f"add of edits: no bytes for attachment {e.args[0]!r}") from None
+        return Effects(next_id=max(e.edit_id for e in op.edits) + 1 if op.edits else None, attachments=sets)
     if isinstance(op, NewVersion):
         if op.attachments_from is None:
             return Effects()

@@ -28,7 +28,7 @@ from .committed import Committed
 from .encode import EditEncoder
 from .feedback import plan_feedback
 from .inputs import additions, attachment_arg, image_arg, lookup, version_of
-from .ops import AddEdits, Attach, Change, Delete, Feedback, NewVersion, Op, Settle, effects_of
+from .ops import AddEdits, Attach, Change, Delete, Feedback, NewEdit, NewVersion, Op, Settle, effects_of
 from .plan import Plan
 from .router import Router
 from .settle import GaveWay, Settler, WriterMutex
@@ -95,14 +95,15 @@ class Writer:
         op: Op,
         plan: Plan | None = None,
         blobs: Mapping[str, bytes] | None = None,
-        attachment: bytes | None = None,
+        attachment: bytes | Mapping[str, bytes] | None = None,
         *,
         states: Mapping[int, EditState | None] | None = None,
     ) -> None:
         """Journal, then install, one write (caller holds the writer lock); raising abandons it.
 
         The `Change` is the plan's overlay (or ``states`` for a write planned without one) with the
-        bookkeeping the op implies.
+        bookkeeping the op implies. ``attachment``: an `Attach`'s bytes, or the attachments an
+        `AddEdits` stores with its edits (bytes by sha256; the hook sees them among the blobs).
         """
         blobs = {} if blobs is None else dict(blobs)
         fx = effects_of(op, attachment)
@@ -110,7 +111,10 @@ class Writer:
         if self.log is not None:
             self.log.check_writable()  # closed or read-only: refuse before the hook sees anything
         if self.hook is not None:
-            self.hook(op.to_dict(), {op.sha256: attachment} if isinstance(op, Attach) else blobs)
+            if isinstance(op, Attach):
+                self.hook(op.to_dict(), {op.sha256: attachment})
+            else:
+                self.hook(op.to_dict(), {**blobs, **(attachment if isinstance(attachment, Mapping) else {})})
         self.origin = None  # this state no longer equals the directory it was loaded from
         lsn = None if self.log is None else self.log.log(op, change, attachment, self.state.blobs)
         try:
@@ -124,12 +128,24 @@ class Writer:
             self.log.after_write(self.owner)
 
     # ------------------------------------------------------------------ writes
-    def add_many(self, edits: Any) -> list[int]:
+    def add_many(
+        self,
+        edits: Any,
+        attachments: Callable[[int, str, str], Mapping[str, bytes]] | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> list[int]:
+        if attachments is not None and not callable(attachments):
+            raise InvalidInputError("attachments must be a callable (edit_id, question, answer) -> dict")
+        if progress is not None and not callable(progress):
+            raise InvalidInputError("progress must be a callable or None")
         with self.wlock:
             self.settle_locked()
             blobs: dict[str, bytes] = {}
             now = time.time()
             new = additions(edits, blobs, self.state, now)
+            att_bytes: dict[str, bytes] = {}
+            if attachments is not None:
+                new = [(self._with_attachments(ne, attachments, att_bytes), v) for ne, v in new]
             plan = self.plan(blobs)
             affected: set[int] = set()
             for ne, v in new:
@@ -143,11 +159,29 @@ class Writer:
                     fit=None,
                 )
                 affected |= plan.set_vectors(st, self.state.table.view())
+                if progress is not None:
+                    progress()
             plan.refit_all(affected)
             ids = [ne.edit_id for ne, _ in new]
-            self.commit(AddEdits(time=now, edits=tuple(ne for ne, _ in new)), plan, blobs)
+            self.commit(AddEdits(time=now, edits=tuple(ne for ne, _ in new)), plan, blobs, att_bytes or None)
             logger.info("added edits %s; re-fitted neighbours %s", ids, sorted(affected - set(ids)))
             return ids
+
+    @staticmethod
+    def _with_attachments(
+        ne: NewEdit, make: Callable[[int, str, str], Mapping[str, bytes]], out: dict[str, bytes]
+    ) -> NewEdit:
+        """``ne`` naming the attachments ``make`` gives for it (their bytes added to ``out`` by sha256)."""
+        got = make(ne.edit_id, ne.question, ne.answer)
+        if not isinstance(got, Mapping):
+            raise InvalidInputError(f"attachments of edit {ne.edit_id} must be a dict of kind -> bytes")
+        shas = {}
+        for kind, data in got.items():
+            data = attachment_arg(kind, data)
+            sha = hashlib.sha256(data).hexdigest()
+            out[sha] = data
+            shas[kind] = sha
+        return replace(ne, attachments=shas)
 
     def new_version(
         self, eid: Any, make: Callable[[EditState, dict[str, bytes]], tuple[EditVersion, int | None]]

@@ -7,6 +7,10 @@
 `adapters`        the stored adapter format (safetensors bytes) and its sizes
 `runtime`         an adapter made usable by one model: compiled, materialised as K/V (LRU), tuned
 `tuning`          tuning a prefix with the base frozen, and the examples it must answer
+`jobs`            checking an edit's own input and tuning it (foreground or background), and its status
+`status`          `EditStatus` per (edit, version): ``gives_answer``, ``tuning``
+`chat`            ``messages=`` conversations: the chat template, and the row each is routed by
+`placement`       ``to`` / ``cuda`` / ``half`` ...: the base model moved or cast, the key encoder moved
 `families`        per-architecture facts and the mechanics of injecting a per-row K/V prefix
 `identity`        ``edited_model.json``: which base model and encoder a directory was saved for
 ================  ==================================================================================
@@ -33,6 +37,7 @@ from .families import (
     supported_model_types,
 )
 from .runtime import AdapterRuntime
+from .status import EditStatus
 from .tuning import TuneReport, tune_prefix, tuning_examples
 from .wrapper import EditedModel, Retrieval
 
@@ -42,6 +47,7 @@ __all__ = [
     "FAMILIES",
     "Adapter",
     "AdapterRuntime",
+    "EditStatus",
     "EditedModel",
     "EditedModelConfig",
     "Family",

@@ -6,9 +6,11 @@ row is in scope the call is forwarded *unchanged* to the base model, so out-of-s
 bit-identical to the bare model. The base model is never mutated (no hooks, no weight or flag changes).
 
 This module is the facade: construction and loading, the edit writes (each compiles and attaches its
-adapter before it returns), tuning jobs, answers and explanations, saving. The read path of
-``generate`` / ``forward`` is `esg_memory.model.inject.Injector.call`; which adapter a version
-injects is `esg_memory.model.cache.AdapterCache`'s to decide.
+adapter before it returns), answers and explanations, saving. The read path of ``generate`` /
+``forward`` is `esg_memory.model.inject.Injector.call` (``messages=`` conversations are templated by
+`esg_memory.model.chat`); which adapter a version injects is `esg_memory.model.cache.AdapterCache`'s to
+decide; checking and tuning an edit, and its `EditStatus`, are `esg_memory.model.jobs`'s; ``to`` /
+``cuda`` / ``half`` ... are `esg_memory.model.placement`'s.
 
 >>> em = EditedModel.wrap(model, processor, memory)
 >>> eid = em.add_edit(image, "what color is the shape?", "purple", tune="sync")
@@ -23,7 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from ..errors import ConfigError, InvalidInputError, UnknownEditError
 from ..validate import check_text
 from .adapters import ADAPTER_KIND, Adapter
 from .cache import AdapterCache
+from .chat import conversation_inputs, route_rows
 from .families import Family, PrefixKV, get_family
 from .identity import (
     MEMORY_DIR,
@@ -47,10 +50,13 @@ from .identity import (
     write_meta,
 )
 from .inject import Injector
+from .jobs import EditJobs
+from .placement import ModuleCalls
 from .runtime import AdapterRuntime
-from .tuning import TuneReport, tuning_examples
+from .status import EditStatus
+from .tuning import TuneReport
 
-__all__ = ["ADAPTER_KIND", "EditedModel", "Retrieval"]
+__all__ = ["ADAPTER_KIND", "EditStatus", "EditedModel", "Retrieval"]
 
 logger = logging.getLogger("esg_memory.model")  # the name it had as a flat module
 
@@ -73,7 +79,7 @@ class Retrieval:
     explanation: str
 
 
-class EditedModel:
+class EditedModel(ModuleCalls):
     """Wrapper around a frozen HF image-text-to-text model; see the module docstring."""
 
     def __init__(self, model: Any, processor: Any, memory: Any, config: EditedModelConfig | None = None):
@@ -86,11 +92,10 @@ class EditedModel:
         # bounded like the K/V cache: the adapters this process injects, stored or compiled here
         self._adapters = AdapterCache(self.runtime, self.edit_config.adapters.cache_size)
         self._inject = Injector(model, processor, self.family, self._prefix)
-        self._lock = threading.RLock()
         self._local = threading.local()
-        self._executor: ThreadPoolExecutor | None = None
-        self._futures: dict[int, Future] = {}
-        self.tune_reports: dict[int, TuneReport] = {}
+        self._jobs = EditJobs(self, self._edited_answer)
+        self.tune_reports: dict[int, TuneReport] = self._jobs.reports
+        """The latest tuning report per edit (`TuneReport`)."""
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -198,35 +203,6 @@ class EditedModel:
             raise AttributeError(name)
         return getattr(self.base_model, name)
 
-    # ---- nn.Module-like calls: they act on the base model and return the wrapper (peft's contract), so
-    # ``em = em.to("cuda")`` keeps its edits. K/V prefixes are cached per device and dtype, and adapters
-    # are identified by architecture alone, so a moved or cast model injects the same edits.
-    def _on_base(self, method: str, *args: Any, **kwargs: Any) -> EditedModel:
-        getattr(self.base_model, method)(*args, **kwargs)
-        return self
-
-    def to(self, *args: Any, **kwargs: Any) -> EditedModel:
-        """``base_model.to(...)`` (device and/or dtype); returns this wrapper."""
-        return self._on_base("to", *args, **kwargs)
-
-    def cuda(self, device: Any = None) -> EditedModel:
-        return self._on_base("cuda", device)
-
-    def cpu(self) -> EditedModel:
-        return self._on_base("cpu")
-
-    def half(self) -> EditedModel:
-        return self._on_base("half")
-
-    def bfloat16(self) -> EditedModel:
-        return self._on_base("bfloat16")
-
-    def float(self) -> EditedModel:
-        return self._on_base("float")
-
-    def eval(self) -> EditedModel:
-        return self._on_base("eval")
-
     def _attach_adapters(self) -> None:
         """On loading a memory: an edit whose current version has no stored adapter (or one for another
         model) gets its compiled one attached, so that reads do not have to write. A memory that cannot
@@ -268,6 +244,7 @@ class EditedModel:
         images: Any = None,
         prompts: Any = None,
         *,
+        messages: Any = None,
         route_images: Any = None,
         route_texts: Any = None,
         route_keys: Any = None,
@@ -275,61 +252,86 @@ class EditedModel:
     ) -> Any:
         """``base.generate`` with each in-scope row's edit injected; the bare call when no row is in scope.
 
-        Either ``images=``/``prompts=`` (inputs are built and routed for you) or processor outputs
-        plus ``route_texts=`` (and ``route_images=``) or ``route_keys=`` (keys from a previous route).
+        Either ``images=``/``prompts=`` (inputs are built and routed for you), ``messages=`` (multi-turn
+        conversations in the chat format, the model's chat template applied: `esg_memory.model.chat`;
+        routed by the last user turn's text and the last image), or processor outputs plus
+        ``route_texts=`` (and ``route_images=``) or ``route_keys=`` (keys from a previous route).
         """
-        return self._inject.call(
-            self.memory,
-            True,
-            images,
-            prompts,
-            route_images,
-            route_texts,
-            route_keys,
-            kwargs,
-            getattr(self._local, "disabled", 0) > 0,
-        )
+        return self._call(True, images, prompts, messages, route_images, route_texts, route_keys, kwargs)
 
     def forward(
         self,
         images: Any = None,
         prompts: Any = None,
         *,
+        messages: Any = None,
         route_images: Any = None,
         route_texts: Any = None,
         route_keys: Any = None,
         **kwargs: Any,
     ) -> Any:
         """``base.forward`` with per-row edits (logits cover the input tokens only, as in the bare call)."""
-        return self._inject.call(
-            self.memory,
-            False,
-            images,
-            prompts,
-            route_images,
-            route_texts,
-            route_keys,
-            kwargs,
-            getattr(self._local, "disabled", 0) > 0,
-        )
+        return self._call(False, images, prompts, messages, route_images, route_texts, route_keys, kwargs)
 
     __call__ = forward
 
+    def _call(self, generate: bool, images: Any, prompts: Any, messages: Any, route_images: Any,
+              route_texts: Any, route_keys: Any, kwargs: dict[str, Any]) -> Any:
+        if messages is not None:
+            if prompts is not None or "input_ids" in kwargs or "inputs_embeds" in kwargs:
+                raise InvalidInputError("pass messages=, prompts= or processor outputs: one of them")
+            inputs, texts, imgs = self._conversation(messages, images)
+            kwargs = {**inputs, **kwargs}
+            if route_images is None and route_texts is None and route_keys is None:
+                route_texts, route_images = route_rows(texts), route_rows(imgs)
+            images = None
+        return self._inject.call(
+            self.memory, generate, images, prompts, route_images, route_texts, route_keys, kwargs,
+            getattr(self._local, "disabled", 0) > 0,
+        )
+
+    def _conversation(self, messages: Any, images: Any) -> tuple[dict[str, Any], list, list]:
+        return conversation_inputs(self.processor, self.family, self.base_model, messages, images)
+
     def answer(
-        self, images: Any = None, prompts: Any = None, max_new_tokens: int = 16, **gen_kwargs: Any
+        self,
+        images: Any = None,
+        prompts: Any = None,
+        max_new_tokens: int = 16,
+        *,
+        messages: Any = None,
+        **gen_kwargs: Any,
     ) -> list[str]:
-        """Decoded answers (new tokens only, special tokens dropped) for (image, prompt) rows."""
-        if prompts is None:
-            raise InvalidInputError("answer() needs prompts=")
-        inputs = self.build_inputs(images, prompts)
-        routes = {"route_texts": [prompts] if isinstance(prompts, str) else list(prompts)}
-        if images is not None:
-            routes["route_images"] = list(images) if isinstance(images, (list, tuple)) else [images]
+        """Decoded answers (new tokens only, special tokens dropped) for (image, prompt) rows, or for the
+        conversations of ``messages=`` (see `generate`)."""
+        if messages is not None:
+            if prompts is not None:
+                raise InvalidInputError("pass prompts= or messages=, not both")
+            inputs, texts, imgs = self._conversation(messages, images)
+            routes = {"route_texts": route_rows(texts), "route_images": route_rows(imgs)}
+        elif prompts is None:
+            raise InvalidInputError("answer() needs prompts= (or messages=)")
+        else:
+            inputs = self.build_inputs(images, prompts)
+            routes = {"route_texts": [prompts] if isinstance(prompts, str) else list(prompts)}
+            if images is not None:
+                routes["route_images"] = list(images) if isinstance(images, (list, tuple)) else [images]
         gen_kwargs.setdefault("do_sample", False)
         with torch.no_grad():
             out = self.generate(**inputs, **routes, max_new_tokens=max_new_tokens, **gen_kwargs)
         seq = out.sequences if hasattr(out, "sequences") else out
         return self.family.decode_answers(self.processor, seq, inputs["input_ids"].shape[1])
+
+    def _edited_answer(self, image: Any, question: str, max_new_tokens: int) -> str:
+        """The edited model's greedy answer to one row, edits on even inside `disable_edits` (the check of
+        an edit's own input, `EditJobs.check`)."""
+        depth = getattr(self._local, "disabled", 0)
+        self._local.disabled = 0
+        try:
+            images = None if image is None else [image]
+            return self.answer(images, [question], max_new_tokens=max_new_tokens)[0]
+        finally:
+            self._local.disabled = depth
 
     def retrieve(self, images: Any = None, prompts: Any = None, *, keys: Any = None) -> list[Retrieval]:
         """Per row: which edit fired (id, version, score, threshold, margin, answer) or why none did."""
@@ -393,7 +395,10 @@ class EditedModel:
         edit_id: int | None = None,
     ) -> int:
         """Add an edit to the memory with its compiled adapter attached (live at the next call, and stored
-        before this returns); optionally tune it."""
+        before this returns). ``tune`` (default `EditedModelConfig.tune`, ``"auto"``): ``"auto"`` checks in
+        the background that the edit's own input now gets its answer and tunes the adapter when it does
+        not; ``"never"`` compiles only; ``"sync"`` / ``"background"`` always tune (before this returns /
+        in the background). `edit_status` tells where that stands."""
         tune = self._tune_mode(tune)
         if not isinstance(question, str) or not isinstance(answer, str) or not answer.strip():
             raise InvalidInputError("question and answer must be non-empty strings")
@@ -414,86 +419,66 @@ class EditedModel:
             if tune == "sync":
                 self.tune_edit(eid)
         except Exception:
-            self.memory.delete(eid)  # a failed call leaves the memory as it was
+            self.delete_edit(eid)  # a failed call leaves the memory as it was
             raise
-        if tune == "background":
-            self.tune_edit(eid, background=True)
+        self._start_jobs(eid, tune)
         return eid
 
+    def _start_jobs(self, edit_id: int, tune: str) -> None:
+        if tune in ("background", "auto"):
+            self.tune_edit(edit_id, background=True, if_needed=tune == "auto")
+
     def tune_edit(
-        self, edit_id: int, background: bool = False, kind: str | None = None
-    ) -> TuneReport | Future:
-        """Tune an edit's adapter; swapped in only if the edit's version is unchanged when tuning ends."""
-        edit = self.memory.get(edit_id)
-        if background:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esg-tune")
-                fut = self._executor.submit(self._tune, edit_id, edit.version, kind)
-                self._futures[edit_id] = fut
-            return fut
-        return self._tune(edit_id, edit.version, kind)
+        self,
+        edit_id: int,
+        background: bool = False,
+        kind: str | None = None,
+        *,
+        if_needed: bool = False,
+        check: bool = True,
+    ) -> TuneReport | Future | None:
+        """Tune an edit's adapter; swapped in only if the edit's version is unchanged when tuning ends.
 
-    def _tune(self, edit_id: int, version: int, kind: str | None) -> TuneReport:
-        edit = self.memory.get(edit_id)
-        if edit.version != version:
-            raise UnknownEditError(
-                f"edit {edit_id} moved to v{edit.version} before tuning v{version} started"
-            )
-        base = self.adapter(edit_id, version)
-        tuned, report = self.runtime.tune(base, self._examples(edit), edit.answer, kind=kind)
-        with self._lock:
-            current = self.memory.get(edit_id) if edit_id in self.memory else None
-            if current is None or current.version != version:
-                logger.info("edit %d changed during tuning; tuned v%d discarded", edit_id, version)
-            else:
-                if not report.exact:  # still kept: it is the best-margin point, never worse than compiled
-                    logger.warning(
-                        "edit %d v%d: tuning stopped short of an exact match (margin %.3f)",
-                        edit_id,
-                        version,
-                        report.min_margin,
-                    )
-                self.memory.attach(edit_id, ADAPTER_KIND, tuned.to_bytes(), version=version)
-            self.tune_reports[edit_id] = report
-        return report
+        ``if_needed``: first check the edit's own input, and tune only when it does not get the answer
+        (None then, or a future of None). ``check``: check it after tuning (one short greedy generate), so
+        ``edit_status`` says whether it now gives the answer. ``background``: queue it on this wrapper's
+        tuning thread and return the future (`wait_for_tuning` waits for them). A failure is logged,
+        recorded (``edit_status(edit_id).tuning == "failed"``) and raised to whoever waits for it."""
+        return self._jobs.start(edit_id, background=background, if_needed=if_needed, kind=kind, check=check)
 
-    def _examples(self, edit: Any) -> list[tuple[Any, str]]:
-        cfg = self.edit_config
-        return tuning_examples(
-            self.memory,
-            edit,
-            cfg.n_paraphrases,
-            cfg.n_augmented_images,
-            cfg.adapters.max_examples,
-            n_unrelated=cfg.n_unrelated_questions,
-        )
+    def check_edit(self, edit_id: int) -> bool:
+        """Whether the edited model's greedy answer to the edit's own (image, question) is now its answer;
+        recorded in `edit_status`. Runs now, in the calling thread."""
+        return bool(self._jobs.check(edit_id))
+
+    def edit_status(self, edit_id: int) -> EditStatus:
+        """The current version's `EditStatus`: ``gives_answer`` (True / False / None: not checked yet, or
+        the check is pending) and ``tuning`` (``"none"``, ``"pending"``, ``"done"``, ``"failed"``). Kept per
+        (edit, version) in this process; after a reload it is read off the stored adapter (tuned:
+        ``"done"``, and ``gives_answer=True`` when its tuning reached an exact match; else unknown)."""
+        return self._jobs.status(edit_id)
 
     def wait_for_tuning(self, timeout: float | None = None) -> list[TuneReport]:
-        """Block until background tuning jobs finish; re-raises the first job error."""
-        with self._lock:
-            futs = list(self._futures.items())
-        out = [f.result(timeout=timeout) for _, f in futs]
-        with self._lock:
-            for eid, f in futs:
-                if self._futures.get(eid) is f:
-                    del self._futures[eid]
-        return out
+        """Block until background jobs finish; the reports of those that tuned. Re-raises the first job
+        error (each was logged and recorded as ``tuning="failed"`` already)."""
+        return self._jobs.wait(timeout)
 
     def delete_edit(self, edit_id: int) -> None:
-        """Delete an edit (as ``memory.delete``) and drop its cached adapters and K/V at once."""
+        """Delete an edit (as ``memory.delete``) and drop its cached adapters, K/V and status at once."""
         self.memory.delete(edit_id)
         self.runtime.forget(edit_id)
         self._adapters.forget(edit_id)
+        self._jobs.forget(edit_id)
 
     def revise_edit(self, edit_id: int, tune: TuneMode | None = None, **changes: Any) -> int:
         """Revise an edit (``memory.revise`` arguments); compiles and attaches the new version's adapter,
-        optionally tunes it."""
+        then tunes it as ``tune`` says (see `add_edit`). The new version's status starts unknown."""
         tune = self._tune_mode(tune)
         version = int(self.memory.revise(edit_id, **changes))
         self._adapters.attach(self.memory, edit_id, version)
-        if tune != "never":
-            self.tune_edit(edit_id, background=tune == "background")
+        if tune == "sync":
+            self.tune_edit(edit_id)
+        self._start_jobs(edit_id, tune)
         return version
 
     def rollback_edit(self, edit_id: int, version: int) -> int:
@@ -521,6 +506,10 @@ class EditedModel:
         self.memory.save(d / MEMORY_DIR)  # its own durable directory: a compaction
         self.save_meta(d)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """`save` under peft's name: ``EditedModel.from_pretrained(directory)`` alone reloads it."""
+        self.save(directory)
+
     def save_meta(self, directory: str | Path) -> None:
         """Write ``edited_model.json`` (base model identity and this config) into ``directory``, beside a
         memory kept in ``directory/memory`` by other means (a durable memory journaling there)."""
@@ -533,9 +522,7 @@ class EditedModel:
         )
 
     def close(self) -> None:
-        """Finish background tuning; a memory this wrapper opened durably is snapshotted and unlocked."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Finish background jobs; a memory this wrapper opened durably is snapshotted and unlocked."""
+        self._jobs.close()
         if getattr(self, "_owns_memory", False):  # opened durably by wrap: snapshot, release the lock
             self.memory.close()

@@ -65,7 +65,9 @@ __all__ = [
 
 logger = logging.getLogger("esg_memory.journal")
 
-JOURNAL_VERSION = 1
+# 2: an add's commit record may carry its edits' attachments (compiled adapters of a bulk import). A version-1
+# reader would drop them silently, so a version-2 segment is refused there; version-1 segments read as before.
+JOURNAL_VERSION = 2
 _HEAD_MAGIC = b"ESGJOURN"
 _HEAD = struct.Struct("<8sIQI")  # magic, version, first lsn, crc
 _REC_MAGIC = b"ESGR"
@@ -318,17 +320,25 @@ def _blob_tensors(blobs: Mapping[str, bytes], tensors: dict[str, np.ndarray]) ->
     return sorted(blobs)
 
 
-def encode_record(op: Op, change: Change, attachment: bytes | None, new_blobs: Mapping[str, bytes]) -> bytes:
+def encode_record(
+    op: Op, change: Change, attachment: bytes | Mapping[str, bytes] | None, new_blobs: Mapping[str, bytes]
+) -> bytes:
     """The redo record of one write: its logical ``op`` plus every state it installs.
 
     An `Attach` is an ``attach`` record carrying the bytes; anything else a ``commit`` record with the
     states (vectors only for the edits whose vectors changed), deleted ids and ``new_blobs`` (the
-    images the memory did not hold yet).
+    images the memory did not hold yet). An add's attachments (``attachment``: bytes by sha256) ride
+    in the same commit record as ``attachment.<sha256>`` tensors (listed under ``"attachments"``).
     """
     if isinstance(op, Attach):
         tensors = {"attachment": np.frombuffer(bytes(attachment or b""), dtype=np.uint8)}
         return _payload({"kind": "attach", "op": op.to_dict()}, tensors)
     tensors: dict[str, np.ndarray] = {}
+    extra: dict[str, Any] = {}
+    if isinstance(attachment, Mapping) and attachment:
+        for sha, data in attachment.items():
+            tensors[f"attachment.{sha}"] = np.frombuffer(bytes(data), dtype=np.uint8)
+        extra["attachments"] = sorted(attachment)
     over = change.states
     states = [
         edit_doc(st, tensors, vectors=eid in change.changed_vec)
@@ -341,6 +351,7 @@ def encode_record(op: Op, change: Change, attachment: bytes | None, new_blobs: M
         "states": states,
         "deleted": change.deleted,
         "blobs": _blob_tensors(new_blobs, tensors),
+        **extra,
     }
     return _payload(doc, tensors)
 

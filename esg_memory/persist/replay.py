@@ -88,7 +88,7 @@ def _replay(base: Mapping[int, EditState], dim: int, records: list[Record]) -> C
             with_vec.pop(eid, None)
             versions[eid] = None
         blobs.update(_blobs_of(lsn, doc, tensors))
-        effects = effects.then(effects_of(op))
+        effects = effects.then(effects_of(op, _attachments_of(lsn, doc, tensors)))
 
     states: dict[int, EditState | None] = {}
     changed: set[int] = set()
@@ -111,13 +111,26 @@ def _replay(base: Mapping[int, EditState], dim: int, records: list[Record]) -> C
 
 
 def _blobs_of(lsn: int, doc: dict, tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """The image blobs a commit record carries (by sha256), checked."""
+    return _checked_bytes(lsn, doc.get("blobs", []), tensors, "blob", "image blob")
+
+
+def _attachments_of(lsn: int, doc: dict, tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """The attachment bytes an add's commit record carries (by sha256), checked."""
+    return _checked_bytes(lsn, doc.get("attachments", []), tensors, "attachment", "attachment")
+
+
+def _checked_bytes(
+    lsn: int, shas: list, tensors: dict[str, np.ndarray], prefix: str, what: str
+) -> dict[str, bytes]:
+    # content-addressed payloads: each tensor ``{prefix}.{sha}`` must hash to its own name
     out = {}
-    for sha in doc.get("blobs", []):
-        t = tensors.get(f"blob.{sha}")
+    for sha in shas:
+        t = tensors.get(f"{prefix}.{sha}")
         if not isinstance(sha, str) or not _SHA.match(sha) or t is None or t.dtype != np.uint8:
-            raise FormatError(f"journal record {lsn}: bad image blob {sha!r}")
+            raise FormatError(f"journal record {lsn}: bad {what} {sha!r}")
         data = t.tobytes()
         if hashlib.sha256(data).hexdigest() != sha:
-            raise FormatError(f"journal record {lsn}: image blob {sha[:12]} fails its checksum")
+            raise FormatError(f"journal record {lsn}: {what} {sha[:12]} fails its checksum")
         out[sha] = data
     return out

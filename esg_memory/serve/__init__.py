@@ -16,14 +16,17 @@ Modules, from the outside in (each imports only those below it):
 ``server``         running an app under uvicorn: `serve` (blocking), `running_server` (a thread)
 ``app``            `create_app`: checks the options, takes the directory lock, wires the rest
 ``middleware``     `RequestLimits`: body-size limit, early auth of writes, request metrics
-``routes``         the endpoints: request parsing onto `EditService` calls
+``routes``         the endpoints: request bodies onto `EditService` calls
+``bodies``         a multipart form or JSON body (by Content-Type) into the route's request model
+``schemas``        pydantic request and reply models (what ``/openapi.json`` documents)
+``openai_api``     the OpenAI-compatible ``/v1`` endpoints and error bodies (models: ``openai_schemas``)
 ``http_errors``    the status of each error, the JSON error body, the exception handlers
-``auth``           the bearer token (loading, checking) and the allowed root of image paths
+``auth``           the bearer token (loading, checking), the read policy, the allowed root of image paths
 ``service``        `EditService`: writes (journaled before the reply), reads, health, shutdown
 ``generation``     `BatchedGenerator`: routing and batched generation consistent with writes
 ``batch``          `MicroBatcher`: equal-option requests share a model call
 ``directory``      `DirectoryLock` (one writing server per directory), `check_memory_dir`
-``metrics``        `Metrics`: Prometheus text format without a client library
+``metrics``        `Metrics`: ``prometheus_client`` counters, histograms, gauges in a per-app registry
 =================  ===========================================================================
 
 This package re-exports the public names, so ``from esg_memory.serve import create_app`` keeps working.

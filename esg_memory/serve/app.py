@@ -17,7 +17,7 @@ from typing import Any
 from .. import __version__
 from ..config import ServiceConfig
 from ..errors import ConfigError
-from .auth import MIN_TOKEN_CHARS, TOKEN_ENV
+from .auth import MIN_TOKEN_CHARS, TOKEN_ENV, reads_protected
 from .directory import DirectoryLock
 from .http_errors import install_error_handlers
 from .metrics import Metrics
@@ -37,13 +37,19 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     insecure_local: bool = False,
     read_only: bool = False,
-    protect_reads: bool = False,
+    protect_reads: bool | None = None,
     config: ServiceConfig | None = None,
+    host: str | None = None,
 ) -> Any:
     """A FastAPI app serving ``model`` (an `EditedModel`) and persisting its edits to ``memory_dir``.
 
-    ``token``: bearer token every write needs (and every read with ``protect_reads``). A writable
-    app without a token is refused unless ``insecure_local``. ``allowed_root``: directory that
+    ``token``: bearer token every write needs. A writable app without a token is refused unless
+    ``insecure_local``. Reads (``GET /edits*``, ``/generate``, ``/route``, ``/metrics``, the OpenAI
+    routes) need it too when protected: ``protect_reads`` True / False forces that; None (the default)
+    decides from ``host``, the address the app will be bound to: protected beyond loopback
+    (`esg_memory.serve.auth.reads_protected`; None: an in-process app, treated as loopback, which
+    `running_server` then refuses to bind elsewhere). Protected reads without a token are refused
+    (`ConfigError`). ``/health`` and the API docs stay open. ``allowed_root``: directory that
     ``image_path`` fields may point into (symlinks and ``..`` resolved); None disables paths.
     A writable app takes an exclusive lock on ``memory_dir`` until it shuts down.
     """
@@ -61,6 +67,8 @@ def create_app(
             f"refusing to serve writable without a bearer token: set ${TOKEN_ENV} or --token-file, "
             "or pass --insecure-local (binds 127.0.0.1 only) or --read-only"
         )
+    explicit_reads = protect_reads
+    protect_reads = reads_protected(host, protect_reads, token)  # the resolved flag every route set gets
     if isinstance(max_upload_bytes, bool) or not isinstance(max_upload_bytes, int) or max_upload_bytes < 1024:
         raise ConfigError("max_upload_bytes must be an int >= 1024")
     root = None if allowed_root is None else Path(allowed_root).resolve()
@@ -68,8 +76,10 @@ def create_app(
         raise ConfigError(f"allowed root {str(root)!r} is not a directory")
     lock = None if cfg.read_only else DirectoryLock(memory_dir).acquire()
     metrics = Metrics()
-    metrics.counter("http_requests_total", "HTTP requests by endpoint template, method and status.")
-    metrics.histogram("http_request_seconds", "HTTP request latency by endpoint template and method.")
+    metrics.counter("http_requests_total", "HTTP requests by endpoint template, method and status.",
+                    labels=("endpoint", "method", "status"))
+    metrics.histogram("http_request_seconds", "HTTP request latency by endpoint template and method.",
+                      labels=("endpoint", "method"))
     try:
         service = EditService(model, memory_dir, cfg, metrics)
     except BaseException:
@@ -98,9 +108,15 @@ def create_app(
         mount_docs(app)
     app.state.service = service
     app.state.metrics = metrics
+    app.state.host = host
+    app.state.protect_reads = protect_reads
+    app.state.reads_opened = explicit_reads is False  # open by choice, not by a loopback default
     app.add_middleware(RequestLimits, limit=max_upload_bytes, metrics=metrics, token=token)
     install_error_handlers(app)
     register_routes(app, service, token=token, root=root, protect_reads=protect_reads)
+    from .openai_api import register_openai_routes  # /v1: OpenAI-compatible endpoints and error bodies
+
+    register_openai_routes(app, service, token=token, root=root, protect_reads=protect_reads)
     return app
 
 

@@ -1,13 +1,16 @@
 """Who may do what on the service: the bearer token (loading, checking) and the root image paths must stay in.
 
-Writes need ``Authorization: Bearer <token>`` (reads too with ``protect_reads``); an ``image_path``
-field may only name a file inside the allowed root. The middleware (which checks writes before their
-body is read) and the routes (which check again) both refuse through `check_bearer`.
+Writes need ``Authorization: Bearer <token>``; reads (``GET /edits*``, ``/generate``, ``/route``,
+``/metrics``, the OpenAI routes) need it too when they are protected, which `reads_protected` decides:
+by default exactly when the server binds beyond loopback. An ``image_path`` field may only name a file
+inside the allowed root. The middleware (which checks writes before their body is read) and the routes
+(which check again) both refuse through `check_bearer`.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -16,8 +19,8 @@ from typing import Any
 from ..errors import ConfigError, EsgMemoryError
 from ..images import load_image
 
-__all__ = ["MIN_TOKEN_CHARS", "TOKEN_ENV", "PathForbiddenError", "check_bearer", "load_token",
-           "resolve_image_path"]
+__all__ = ["MIN_TOKEN_CHARS", "TOKEN_ENV", "PathForbiddenError", "check_bearer", "is_loopback", "load_token",
+           "reads_protected", "resolve_image_path"]
 
 # the name the flat layout's CLI glue logged under: logging configurations keep matching
 logger = logging.getLogger("esg_memory.serve")
@@ -30,6 +33,35 @@ MIN_TOKEN_CHARS = 16
 
 class PathForbiddenError(EsgMemoryError):
     """An image path outside the allowed root, or paths disabled (403, not a validation error)."""
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ``::1``, ``localhost``). Anything else, a
+    wildcard (``0.0.0.0``, ``::``, ``""``) or another host name included, counts as beyond loopback."""
+    if host is None:
+        return False
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def reads_protected(host: str | None, protect_reads: bool | None, token: str | None) -> bool:
+    """Whether reads need the bearer token: ``protect_reads`` when given (``--protect-reads`` /
+    ``--open-reads``), else exactly when ``host`` is beyond loopback (None: a loopback default, for an app
+    built in-process; `esg_memory.serve.server.running_server` refuses to bind such an app beyond loopback).
+    Protected reads without a token are a `ConfigError`: nobody could read."""
+    protect = (host is not None and not is_loopback(host)) if protect_reads is None else bool(protect_reads)
+    if protect and token is None:
+        why = "--protect-reads was given" if protect_reads else f"the server binds {host!r}, beyond loopback"
+        raise ConfigError(
+            f"reads are protected ({why}) but no bearer token is set: set ${TOKEN_ENV} or --token-file, "
+            "or pass --open-reads to serve reads without a token"
+        )
+    return protect
 
 
 def load_token(token_file: str | os.PathLike | None = None) -> str | None:

@@ -17,22 +17,24 @@ from typing import Any
 
 from ..config import ServiceConfig
 from ..errors import ConfigError, EsgMemoryError
-from .auth import TOKEN_ENV, load_token
+from .auth import TOKEN_ENV, load_token, reads_protected
 from .directory import check_memory_dir
 from .middleware import DEFAULT_MAX_UPLOAD_BYTES
-from .server import serve
+from .server import bind_host, serve
 
 __all__ = ["add_serve_arguments", "main", "run_from_args"]
 
 
-def _open_model(model_spec: str, clip_spec: str, memory_dir: Path) -> Any:
+def _open_model(model_spec: str, clip_spec: str, memory_dir: Path, **placement: Any) -> Any:
+    """The served `EditedModel`; ``placement``: `model_placement`'s keywords for the base model (the key
+    encoder stays on the CPU)."""
     # imported here: loading pulls in torch and transformers, which `--help` and refusals never need
     from ..loading import load_base_model, load_encoder, new_memory
     from ..model import EditedModel
 
     saved = check_memory_dir(memory_dir)
     encoder = load_encoder(clip_spec)
-    base, processor = load_base_model(model_spec)
+    base, processor = load_base_model(model_spec, **placement)
     memory = memory_dir if saved else new_memory(encoder, clip_spec)
     return EditedModel.wrap(base, processor, memory=memory, encoder=encoder)
 
@@ -43,7 +45,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     have = set(getattr(parser, "_option_string_actions", {}))
     for flag, text in (("--memory", "memory directory (created if missing)"),
                        ("--model", "model spec (registered name, local dir or HF id)"),
-                       ("--clip", "key-encoder spec")):
+                       ("--clip", "key-encoder spec"),
+                       ("--device", "base model device, e.g. cuda, cuda:1 (default: where it loads)"),
+                       ("--dtype", "base model dtype: float32, float16 or bfloat16 (default: the model's)"),
+                       ("--device-map", "transformers device_map (auto, balanced, sequential, a device, or "
+                                        "a JSON object); needs esg-memory[accelerate]; excludes --device")):
         if flag not in have:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -53,7 +59,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--insecure-local", action="store_true",
                         help="allow writes without a token; forces binding to 127.0.0.1")
     parser.add_argument("--read-only", action="store_true", help="refuse all writes")
-    parser.add_argument("--protect-reads", action="store_true", help="require the token for reads too")
+    reads = parser.add_mutually_exclusive_group()
+    reads.add_argument("--protect-reads", dest="protect_reads", action="store_const", const=True,
+                       default=None, help="require the token for reads too (the default beyond loopback)")
+    reads.add_argument("--open-reads", dest="protect_reads", action="store_const", const=False,
+                       help="serve reads without a token even beyond loopback")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
                         help="largest request body in MiB (default %(default)s)")
     parser.add_argument("--max-batch-rows", type=int, default=16, help="rows per model call (default 16)")
@@ -64,7 +74,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Start the service from parsed arguments (blocks until stopped); returns an exit code."""
-    from ..loading import DEFAULT_ENCODER, DEFAULT_MODEL
+    from ..loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
 
     memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
     if not memory:
@@ -75,11 +85,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     if token is None and not (args.insecure_local or args.read_only):
         raise ConfigError(f"refusing to serve writable without a bearer token: set ${TOKEN_ENV} or "
                           "--token-file, or pass --insecure-local (binds 127.0.0.1 only) or --read-only")
+    host = bind_host(args.host, args.insecure_local, token)
+    reads_protected(host, args.protect_reads, token)
+    placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
+                                getattr(args, "device_map", None))
     check_memory_dir(memory_dir)
     model = _open_model(getattr(args, "model", None) or DEFAULT_MODEL, getattr(args, "clip", None)
-                        or DEFAULT_ENCODER, memory_dir)
+                        or DEFAULT_ENCODER, memory_dir, **placement)
     config = ServiceConfig(max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
-    serve(model, memory_dir, host=args.host, port=args.port, log_level=args.log_level, token=token,
+    serve(model, memory_dir, host=host, port=args.port, log_level=args.log_level, token=token,
           allowed_root=args.allowed_root, max_upload_bytes=int(args.max_upload_mb * 2**20),
           insecure_local=args.insecure_local, read_only=args.read_only, protect_reads=args.protect_reads,
           config=config)

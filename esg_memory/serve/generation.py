@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +28,33 @@ from ..errors import InvalidInputError, UnknownEditError
 from .batch import MicroBatcher
 from .metrics import Metrics
 
-__all__ = ["BatchedGenerator", "GenerateOptions", "finite_or_none"]
+__all__ = ["BatchedGenerator", "GenerateOptions", "finite_or_none", "token_counts"]
 
 
 def finite_or_none(x: float) -> float | None:
     """``x`` as a float, or None when it is NaN or infinite (JSON has no such numbers)."""
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def token_counts(model: Any, inputs: Mapping[str, Any], sequences: Any) -> list[dict[str, Any]]:
+    """Per generated row: ``prompt_tokens`` (the prompt's real tokens, image tokens included, padding
+    not), ``completion_tokens`` (new tokens up to and including the first end-of-sequence token) and
+    ``finish_reason``: ``"stop"`` when the model ended the answer, ``"length"`` when max_new_tokens did."""
+    eos: set[int] = set()
+    for src in (getattr(getattr(model, "base_model", model), "generation_config", None),
+                getattr(getattr(model, "processor", None), "tokenizer", None)):
+        ids = getattr(src, "eos_token_id", None)
+        eos.update(int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]) if i is not None)
+    prompt_len = int(inputs["input_ids"].shape[1])
+    mask = inputs.get("attention_mask")
+    out = []
+    for i, row in enumerate(sequences[:, prompt_len:].tolist()):
+        ends = [j for j, t in enumerate(row) if t in eos]
+        out.append({"prompt_tokens": int(mask[i].sum()) if mask is not None else prompt_len,
+                    "completion_tokens": ends[0] + 1 if ends else len(row),
+                    "finish_reason": "stop" if ends else "length"})
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,13 +215,14 @@ class BatchedGenerator:
         res, info, out = got
         seq = out.sequences if hasattr(out, "sequences") else out
         texts = self.model.family.decode_answers(self.model.processor, seq, inputs["input_ids"].shape[1])
+        counts = token_counts(self.model, inputs, seq)
         results = []
         hits: dict[int, int] = {}
         for i, text in enumerate(texts):
             eid = int(res.edit_ids[i])
             row: dict[str, Any] = {"text": text, "edit_id": None, "edit_version": None, "edit_answer": None,
                                    "score": finite_or_none(res.scores[i]),
-                                   "margin": finite_or_none(res.margins[i])}
+                                   "margin": finite_or_none(res.margins[i]), **counts[i]}
             if eid >= 0:
                 row.update(edit_id=eid, edit_version=info[eid][0], edit_answer=info[eid][1])
                 hits[eid] = hits.get(eid, 0) + 1

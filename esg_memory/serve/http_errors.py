@@ -44,7 +44,8 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (FormatError, 500),
 )
 
-_HTTP_KINDS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge"}
+_HTTP_KINDS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 413: "PayloadTooLarge",
+               415: "UnsupportedMediaType", 504: "Timeout"}
 
 
 def error_status(exc: BaseException) -> int:

@@ -1,145 +1,153 @@
-"""Prometheus text-format metrics for the HTTP service, without a client-library dependency.
+"""Prometheus metrics of the HTTP service, kept by ``prometheus_client`` in one registry per app.
 
-Counters and histograms are kept in plain dicts under one lock; rendering is a snapshot. Label
-values are bounded by construction (route templates, status codes), never raw paths or edit ids,
-so a scraper cannot be made to store unbounded series.
+`Metrics` is the small facade the service, the batcher and the middleware call (``counter``,
+``histogram``, ``gauge``, ``inc``, ``observe``, ``value``, ``render``); behind it every series is a
+``prometheus_client`` `Counter`, `Histogram` or `Gauge` (read at scrape time through
+``Gauge.set_function``) in the app's own `CollectorRegistry`, so two apps in one process never share
+series and the library's process-wide default registry is left alone. Label values are bounded by
+construction (route templates, status codes, operation names), never raw paths or edit ids, so a
+scraper cannot be made to store unbounded series.
+
+Names: ``counter("writes_total", ...)`` is exposed as ``esg_memory_writes_total`` (a trailing
+``_total`` is the counter suffix, not doubled; ``prometheus_client`` adds a ``_created`` sample).
+A metric declared without ``labels`` takes its label names from its first ``inc``/``observe``.
 """
 
 from __future__ import annotations
 
-import bisect
+import logging
+import math
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "Metrics"]
+
+logger = logging.getLogger("esg_memory.serve")
 
 #: Request-latency histogram bounds in seconds (tiny models answer in ms, 7B models in seconds).
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 
-Labels = tuple[tuple[str, str], ...]
+
+def _content_type() -> str:
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST
+    except ImportError:  # the serve extra is missing: the app cannot be built anyway
+        return "text/plain; version=0.0.4; charset=utf-8"
+    return CONTENT_TYPE_LATEST
 
 
-@dataclass
-class _Hist:
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * len(self.bounds)
-
-    def observe(self, value: float) -> None:
-        i = bisect.bisect_left(self.bounds, value)
-        if i < len(self.counts):
-            self.counts[i] += 1
-        self.total += value
-        self.n += 1
-
-
-def _fmt_labels(labels: Labels, extra: Iterable[tuple[str, str]] = ()) -> str:
-    items = [*labels, *extra]
-    if not items:
-        return ""
-    esc = [(k, v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")) for k, v in items]
-    return "{" + ",".join(f'{k}="{v}"' for k, v in esc) + "}"
-
-
-def _num(v: float) -> str:
-    if v == float("inf"):
-        return "+Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+#: The ``Content-Type`` of `Metrics.render`'s text (``prometheus_client.CONTENT_TYPE_LATEST``).
+CONTENT_TYPE = _content_type()
 
 
 class Metrics:
-    """Thread-safe counters, gauges (callables read at scrape time) and histograms."""
+    """Counters, histograms and gauges (callables read at scrape time) in a private registry."""
 
     def __init__(self, prefix: str = "esg_memory") -> None:
+        from prometheus_client import CollectorRegistry
+
         self.prefix = prefix
+        self.registry = CollectorRegistry()
+        self.content_type = CONTENT_TYPE
         self._lock = threading.Lock()
-        self._help: dict[str, tuple[str, str]] = {}
-        self._counters: dict[str, dict[Labels, float]] = {}
-        self._hists: dict[str, dict[Labels, _Hist]] = {}
-        self._bounds: dict[str, tuple[float, ...]] = {}
-        self._gauges: dict[str, Callable[[], float]] = {}
+        self._decl: dict[str, tuple[str, str, tuple[float, ...] | None]] = {}  # name -> (kind, help, bounds)
+        self._made: dict[str, tuple[Any, tuple[str, ...]]] = {}  # name -> (metric, its label names)
 
     def _name(self, name: str) -> str:
         return f"{self.prefix}_{name}"
 
-    def counter(self, name: str, help_text: str) -> None:
+    def _declare(self, name: str, kind: str, help_text: str, bounds: tuple[float, ...] | None,
+                 labels: Sequence[str] | None) -> None:
         with self._lock:
-            self._help[name] = ("counter", help_text)
-            self._counters.setdefault(name, {})
+            old = self._decl.get(name)
+            if old is not None:
+                if old[0] != kind:
+                    raise ValueError(f"metric {name!r} is already a {old[0]}")
+                return  # declaring again (another component over the same Metrics) is a no-op
+            self._decl[name] = (kind, help_text, bounds)
+            if labels is not None:
+                self._make(name, tuple(sorted(labels)))
 
-    def histogram(self, name: str, help_text: str, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        if list(bounds) != sorted(bounds) or not bounds:
-            raise ValueError("histogram bounds must be non-empty and increasing")
+    def _make(self, name: str, labelnames: tuple[str, ...]) -> Any:
+        """Create the ``prometheus_client`` metric (caller holds the lock)."""
+        from prometheus_client import Counter, Histogram
+
+        kind, help_text, bounds = self._decl[name]
+        if kind == "counter":
+            metric = Counter(self._name(name), help_text, labelnames, registry=self.registry)
+        else:
+            metric = Histogram(self._name(name), help_text, labelnames, buckets=bounds,
+                               registry=self.registry)
+        self._made[name] = (metric, labelnames)
+        return metric
+
+    def _series(self, name: str, kind: str, labels: dict[str, Any]) -> Any:
+        keys = tuple(sorted(labels))
         with self._lock:
-            self._help[name] = ("histogram", help_text)
-            self._hists.setdefault(name, {})
-            self._bounds[name] = tuple(float(b) for b in bounds)
+            decl = self._decl.get(name)
+            if decl is None or decl[0] != kind:
+                raise KeyError(f"no {kind} named {name!r} was declared")
+            made = self._made.get(name)
+            metric, labelnames = made if made is not None else (self._make(name, keys), keys)
+        if keys != labelnames:
+            raise ValueError(f"metric {name!r} has labels {list(labelnames)}, got {list(keys)}")
+        return metric.labels(**{k: str(v) for k, v in labels.items()}) if keys else metric
+
+    # ------------------------------------------------------------------ declaring
+    def counter(self, name: str, help_text: str, labels: Sequence[str] | None = None) -> None:
+        """Declare a counter; ``labels``: its label names (else those of its first `inc`)."""
+        self._declare(name, "counter", help_text, None, labels)
+
+    def histogram(self, name: str, help_text: str, bounds: tuple[float, ...] = LATENCY_BUCKETS,
+                  labels: Sequence[str] | None = None) -> None:
+        """Declare a histogram with increasing bucket ``bounds`` (``+Inf`` is added)."""
+        if not bounds or list(bounds) != sorted(bounds):
+            raise ValueError("histogram bounds must be non-empty and increasing")
+        self._declare(name, "histogram", help_text, tuple(float(b) for b in bounds), labels)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        with self._lock:
-            self._help[name] = ("gauge", help_text)
-            self._gauges[name] = read
+        """Declare a gauge whose value is ``read()`` at each scrape (NaN if it raises)."""
+        from prometheus_client import Gauge
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        with self._lock:
-            series = self._counters[name]
-            series[key] = series.get(key, 0.0) + value
+        def safe() -> float:
+            try:
+                return float(read())
+            except Exception:  # a broken gauge must not take the whole scrape down
+                logger.debug("gauge %s failed", name, exc_info=True)
+                return math.nan
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
         with self._lock:
-            series = self._hists[name]
-            hist = series.get(key)
-            if hist is None:
-                hist = series[key] = _Hist(self._bounds[name])
-            hist.observe(float(value))
+            old = self._decl.get(name)
+            if old is not None:
+                if old[0] != "gauge":
+                    raise ValueError(f"metric {name!r} is already a {old[0]}")
+                self._made[name][0].set_function(safe)  # the newest reader wins
+                return
+            self._decl[name] = ("gauge", help_text, None)
+            g = Gauge(self._name(name), help_text, registry=self.registry)
+            g.set_function(safe)
+            self._made[name] = (g, ())
 
-    def value(self, name: str, **labels: str) -> float:
+    # ------------------------------------------------------------------ recording
+    def inc(self, name: str, value: float = 1.0, **labels: Any) -> None:
+        """Add ``value`` (>= 0) to a counter's series."""
+        self._series(name, "counter", labels).inc(value)
+
+    def observe(self, name: str, value: float, **labels: Any) -> None:
+        """Record one observation in a histogram's series."""
+        self._series(name, "histogram", labels).observe(float(value))
+
+    def value(self, name: str, **labels: Any) -> float:
         """A counter's current value (0 when the series was never touched)."""
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        with self._lock:
-            return self._counters.get(name, {}).get(key, 0.0)
+        base = self._name(name[:-6] if name.endswith("_total") else name)
+        got = self.registry.get_sample_value(f"{base}_total", {k: str(v) for k, v in labels.items()})
+        return 0.0 if got is None else float(got)
 
     def render(self) -> str:
-        """The exposition text (format 0.0.4)."""
-        with self._lock:
-            helps = dict(self._help)
-            counters = {n: dict(s) for n, s in self._counters.items()}
-            hists = {
-                n: {k: (list(h.counts), h.total, h.n, h.bounds) for k, h in s.items()}
-                for n, s in self._hists.items()
-            }
-            gauges = dict(self._gauges)
-        lines: list[str] = []
-        for name in sorted(helps):
-            kind, text = helps[name]
-            full = self._name(name)
-            lines.append(f"# HELP {full} {text}")
-            lines.append(f"# TYPE {full} {kind}")
-            if kind == "counter":
-                for labels, v in sorted(counters[name].items()):
-                    lines.append(f"{full}{_fmt_labels(labels)} {_num(v)}")
-            elif kind == "gauge":
-                try:
-                    v = float(gauges[name]())
-                except Exception:  # a broken gauge must not take the whole scrape down
-                    v = float("nan")
-                lines.append(f"{full} {_num(v) if v == v else 'NaN'}")
-            else:
-                for labels, (counts, total, n, bounds) in sorted(hists[name].items()):
-                    cum = 0
-                    for b, c in zip(bounds, counts, strict=True):
-                        cum += c
-                        lines.append(f"{full}_bucket{_fmt_labels(labels, [('le', _num(b))])} {cum}")
-                    lines.append(f"{full}_bucket{_fmt_labels(labels, [('le', '+Inf')])} {n}")
-                    lines.append(f"{full}_sum{_fmt_labels(labels)} {_num(total)}")
-                    lines.append(f"{full}_count{_fmt_labels(labels)} {n}")
-        return "\n".join(lines) + "\n"
+        """The exposition text (``prometheus_client.generate_latest`` of this registry)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode("utf-8")

@@ -9,6 +9,7 @@ from typing import Any
 from .auth import check_bearer
 from .http_errors import error_body
 from .metrics import Metrics
+from .openai_api import is_openai_path, openai_error_body
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "RequestLimits"]
 
@@ -63,7 +64,8 @@ class RequestLimits:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.limit:
                 detail = f"request body is over the {self.limit}-byte limit"
-                await self._reply(send_wrapper, 413, "PayloadTooLarge", detail, {"connection": "close"})
+                await self._reply(send_wrapper, 413, "PayloadTooLarge", detail, {"connection": "close"},
+                                  str(scope.get("path", "")))
                 return
             seen = 0
 
@@ -89,8 +91,12 @@ class RequestLimits:
                                  method=method)
 
     @staticmethod
-    async def _reply(send: Any, status: int, kind: str, detail: str, extra: dict[str, str]) -> None:
-        body = json.dumps(error_body(kind, detail, status)).encode()
+    async def _reply(send: Any, status: int, kind: str, detail: str, extra: dict[str, str],
+                     path: str = "") -> None:
+        # the OpenAI-compatible paths (/v1/...) answer in OpenAI's error shape
+        code = "request_too_large" if status == 413 else None
+        body = json.dumps(openai_error_body(status, detail, code=code) if is_openai_path(path)
+                          else error_body(kind, detail, status)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -13,13 +13,19 @@ from typing import Any
 
 from ..errors import ConfigError
 from .app import create_app
+from .auth import is_loopback
 
-__all__ = ["running_server", "serve"]
+__all__ = ["bind_host", "running_server", "serve"]
 
 # the name the flat layout's CLI glue logged under: logging configurations keep matching
 logger = logging.getLogger("esg_memory.serve")
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+def bind_host(host: str, insecure_local: bool, token: str | None) -> str:
+    """The address actually bound: ``--insecure-local`` without a token keeps the server on 127.0.0.1."""
+    if insecure_local and token is None and not is_loopback(host):
+        logger.warning("--insecure-local without a token: binding 127.0.0.1 instead of %s", host)
+        return "127.0.0.1"
+    return host
 
 
 def serve(
@@ -31,13 +37,12 @@ def serve(
     log_level: str = "info",
     **app_kwargs: Any,
 ) -> None:
-    """Run the app with uvicorn in this process (one worker: the model is loaded once)."""
+    """Run the app with uvicorn in this process (one worker: the model is loaded once). The app is built
+    for ``host``: beyond loopback its reads need the token unless ``protect_reads=False``."""
     import uvicorn
 
-    if app_kwargs.get("insecure_local") and app_kwargs.get("token") is None and host not in _LOOPBACK:
-        logger.warning("--insecure-local without a token: binding 127.0.0.1 instead of %s", host)
-        host = "127.0.0.1"
-    app = create_app(model, memory_dir, **app_kwargs)
+    host = bind_host(host, bool(app_kwargs.get("insecure_local")), app_kwargs.get("token"))
+    app = create_app(model, memory_dir, host=host, **app_kwargs)
     uvicorn.run(app, host=host, port=int(port), log_level=log_level)
 
 
@@ -48,8 +53,19 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, start_timeo
 
     On exit the server shuts down gracefully (lifespan included: queued work finishes, the
     directory lock is released). For tests, benchmarks and embedding in another program.
+
+    An app whose reads are open only because it was built for loopback (`create_app` without ``host``
+    or ``protect_reads``) is refused beyond loopback (`ConfigError`): build it with that ``host``, or
+    with ``protect_reads=False`` to open its reads on purpose.
     """
     import uvicorn
+
+    state = getattr(app, "state", None)  # what create_app recorded (another ASGI app has none: not checked)
+    if not is_loopback(host) and getattr(state, "protect_reads", None) is False \
+            and not getattr(state, "reads_opened", False):
+        raise ConfigError(f"this app serves reads without a token because it was built for loopback; to bind "
+                          f"{host!r} build it with create_app(..., host={host!r}) (reads then need the "
+                          "token) or protect_reads=False (reads open on purpose)")
 
     config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=5)

@@ -120,15 +120,26 @@ class EditService:
             self.model.save(self.memory_dir)
         return time.perf_counter() - t0
 
+    def _tune_mode(self, tune: str | None) -> str:
+        """A request's tune mode (None: the model's default, `EditedModelConfig.tune`); request input: 422."""
+        return check_tune_mode(self.model.edit_config.tune if tune is None else tune, error=InvalidInputError)
+
+    def _status(self, eid: int) -> dict[str, Any]:
+        """``gives_answer`` and ``tuning`` of the edit's current version (`EditedModel.edit_status`)."""
+        try:
+            return self.model.edit_status(eid).to_dict()
+        except EsgMemoryError:  # deleted meanwhile
+            return {"gives_answer": None, "tuning": "none"}
+
     def _tune(self, eid: int, tune: str) -> dict[str, Any] | None:
         if tune == "never":
             return None
-        if tune == "background":
-            fut = self.model.tune_edit(eid, background=True)
+        if tune in ("background", "auto"):  # auto: check the edit's own input, tune only if it fails
+            fut = self.model.tune_edit(eid, background=True, if_needed=tune == "auto")
             with self._tuning_lock:
                 self._tuning[eid] = fut
             fut.add_done_callback(lambda f, e=eid: self._after_background_tune(e, f))
-            return {"mode": "background", "status": "queued"}
+            return {"mode": tune, "status": "queued"}
         try:
             rep = self.model.tune_edit(eid)
         except EsgMemoryError as exc:  # the edit stays, with its compiled (untuned) adapter
@@ -138,29 +149,43 @@ class EditService:
                 "seconds": round(float(rep.seconds), 3), "loss": finite_or_none(rep.loss)}
 
     def _after_background_tune(self, eid: int, fut: Future) -> None:
-        # the tuned adapter was journaled by the memory's attach before the job ended
+        # the tuned adapter was journaled by the memory's attach before the job ended; a failure was
+        # logged and recorded (edit_status: tuning "failed") by the job itself
         try:
             exc = fut.exception()
             if exc is not None:
-                logger.warning("background tuning of edit %d failed: %s", eid, exc)
+                logger.debug("background tuning of edit %d failed: %s", eid, exc)
         finally:
             with self._tuning_lock:
                 if self._tuning.get(eid) is fut:
                     del self._tuning[eid]
 
     def add_edit(self, image: Any, question: str, answer: str, positives: Sequence[Any] | None = None,
-                 metadata: Mapping[str, Any] | None = None, tune: str = "never",
+                 metadata: Mapping[str, Any] | None = None, tune: str | None = None,
                  edit_id: int | None = None) -> dict[str, Any]:
-        """Add an edit; returns ``{"id", "version", "tune", "persist_seconds"}`` once it is on disk."""
+        """Add an edit; returns ``{"id", "version", "tune", "persist_seconds", "gives_answer", "tuning"}``
+        once it is on disk. ``tune`` (default: the model's, ``"auto"``): see `EditedModel.add_edit`; the
+        check and tuning of ``"auto"`` / ``"background"`` run after the reply (`get_edit` tells)."""
         self._check_writable()
-        check_tune_mode(tune, error=InvalidInputError)  # request input: 422
+        tune = self._tune_mode(tune)
         with self._wmutex, self._journaled("add") as j:
             with self._reads.mutating():
                 eid = int(self.model.add_edit(image, question, answer, positives=list(positives or []),
                                               tune="never", metadata=dict(metadata or {}), edit_id=edit_id))
             report = self._tune(eid, tune)
         return {"id": eid, "version": self.model.memory.get(eid).version, "tune": report,
-                "persist_seconds": round(j["seconds"], 4)}
+                "persist_seconds": round(j["seconds"], 4), **self._status(eid)}
+
+    def add_batch(self, records: Sequence[Any]) -> dict[str, Any]:
+        """Add checked `esg_memory.bulk.EditRecord`s at once, all or none, each with its compiled adapter,
+        as one journal record; returns ``{"ids", "count", "first_id", "last_id", "adapters",
+        "persist_seconds"}`` once they are on disk."""
+        from ..bulk import apply_batch
+
+        self._check_writable()
+        with self._wmutex, self._journaled("add_batch") as j, self._reads.mutating():
+            res = apply_batch(self.model, records)
+        return {**res.to_dict(), "persist_seconds": round(j["seconds"], 4)}
 
     def delete_edit(self, edit_id: int) -> dict[str, Any]:
         self._check_writable()
@@ -170,9 +195,9 @@ class EditService:
             self._reads.forget(int(edit_id))
         return {"id": int(edit_id), "deleted": True, "persist_seconds": round(j["seconds"], 4)}
 
-    def revise_edit(self, edit_id: int, tune: str = "never", **changes: Any) -> dict[str, Any]:
+    def revise_edit(self, edit_id: int, tune: str | None = None, **changes: Any) -> dict[str, Any]:
         self._check_writable()
-        check_tune_mode(tune, error=InvalidInputError)  # request input: 422
+        tune = self._tune_mode(tune)
         changes = {k: v for k, v in changes.items() if v is not None}
         if not changes:
             raise InvalidInputError("a revision needs at least one of answer, question, image, positives")
@@ -181,7 +206,7 @@ class EditService:
                 version = int(self.model.revise_edit(int(edit_id), tune="never", **changes))
             report = self._tune(int(edit_id), tune)
         return {"id": int(edit_id), "version": version, "tune": report,
-                "persist_seconds": round(j["seconds"], 4)}
+                "persist_seconds": round(j["seconds"], 4), **self._status(int(edit_id))}
 
     def rollback(self, edit_id: int, version: int) -> dict[str, Any]:
         self._check_writable()
@@ -195,8 +220,10 @@ class EditService:
         return self._reads.hits(edit_id)
 
     def edit_dict(self, edit: Any) -> dict[str, Any]:
+        """An edit's fields, its hit count, and its current version's ``gives_answer`` / ``tuning``."""
         d = edit.to_dict()
         d["hits"] = self.hits(edit.id)
+        d.update(self._status(edit.id))
         return d
 
     def list_edits(self, offset: int = 0, limit: int = 100) -> dict[str, Any]:
@@ -210,13 +237,11 @@ class EditService:
         mem = self.model.memory
         d = self.edit_dict(mem.get(int(edit_id)))
         d["history"] = [v.to_dict() for v in mem.history(int(edit_id))]
-        with self._tuning_lock:
-            pending = int(edit_id) in self._tuning
         rep = getattr(self.model, "tune_reports", {}).get(int(edit_id))
         report = None
         if rep is not None:
             report = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in asdict(rep).items()}
-        d["tuning"] = {"pending": pending, "report": report}
+        d["tune_report"] = report  # the latest tuning of this edit in this process (any version)
         return d
 
     def route(self, rows: Sequence[tuple[Any, str]]) -> list[dict[str, Any]]:
