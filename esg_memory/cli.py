@@ -414,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add_serve_arguments(command("serve", help="HTTP service (needs the [serve] extra)"))
     sp.set_defaults(func=lambda s, a: run_from_args(a))
+    from .serve.ui.cli import add_ui_arguments, run_ui_from_args
+
+    sp = add_ui_arguments(command("ui", help="edit debugger in the browser over a memory, read-only"))
+    sp.set_defaults(func=lambda s, a: run_ui_from_args(a))
 
     basic = argparse.ArgumentParser(add_help=False)
     _global_options(basic, defaults=False, model=False)

@@ -253,7 +253,8 @@ def test_cli_import_and_export(tmp_path, own_files, capsys):
     assert main([*again, "import", exported["file"], "--limit", "2", "--no-progress"]) == EXIT_OK
     capsys.readouterr()
     assert main([*again, "--json", "list"]) == EXIT_OK
-    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == [0, 1]  # the first two lines: ids 0, 1
+    # the first two lines keep their ids: 40 given, 41 numbered after it (as one add after another would)
+    assert [e["id"] for e in json.loads(capsys.readouterr().out)] == [40, 41]
 
 
 # ------------------------------------------------------------------------------------------ service

@@ -20,9 +20,11 @@ from _memory_fixtures import HashKeyEncoder, shape_image
 from safetensors.numpy import load_file
 
 from esg_memory.config import JournalConfig, MemoryConfig
-from esg_memory.errors import ConfigError, FormatError, LockError
+from esg_memory.errors import ConfigError, FormatError, InvalidInputError, LockError
 from esg_memory.memory import EditMemory
 from esg_memory.memory.committed import Committed
+from esg_memory.persist import frames
+from esg_memory.persist.frames import BLOCK, frame, header, read_segment
 from esg_memory.persist.journal import list_segments, read_journal
 
 ENC = HashKeyEncoder(dim=32)
@@ -84,13 +86,31 @@ def last_segment(path: Path) -> Path:
 
 
 def record_offsets(seg: Path) -> list[int]:
+    """Where each record of a version-2 segment starts (re-derived here from the documented layout)."""
     data = seg.read_bytes()
     out, pos = [], 24
     while pos < len(data):
         out.append(pos)
         (n,) = struct.unpack_from("<I", data, pos + 12)
-        pos += 20 + n
+        body_end = pos + 20 + n  # head + payload, then one crc per 512-byte sector of them + 20 bytes
+        pos = body_end + 4 * ((body_end - 1) // BLOCK - pos // BLOCK + 1) + 20
     return out
+
+
+def v1_segment(records: list[tuple[int, bytes]], first_lsn: int) -> bytes:
+    """A version-1 segment (the layout before commit trailers) holding ``records``."""
+    head = struct.pack("<8sIQ", b"ESGJOURN", 1, first_lsn)
+    out = head + struct.pack("<I", zlib.crc32(head))
+    for lsn, payload in records:
+        lh = struct.pack("<QI", lsn, len(payload))
+        out += b"ESGR" + lh + struct.pack("<I", zlib.crc32(payload, zlib.crc32(lh))) + payload
+    return out
+
+
+def flipped(data: bytes, where: int, mask: int) -> bytes:
+    bad = bytearray(data)
+    bad[where] ^= mask
+    return bytes(bad)
 
 
 # ------------------------------------------------------------------------------------ replay
@@ -183,16 +203,193 @@ def test_torn_last_record_at_every_byte_offset_is_dropped(tmp_path, caplog):
         loaded = EditMemory.load(path, ENC)
         assert loaded.attachment(a, "adapter") is None
         assert fingerprint(loaded, tmp_path) == before
-    # a flipped byte in the last record is a torn write too (checksum)
-    bad = bytearray(good)
-    bad[len(good) - 5] ^= 0xFF
-    seg.write_bytes(bytes(bad))
-    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before
     # a writer truncates the torn tail, then appends after it
     seg.write_bytes(good[: len(good) - 3])
     with EditMemory.open(path, ENC, journal=JournalConfig(compact_on_close=False)) as w:
         w.attach(a, "adapter", b"again")
     assert EditMemory.load(path, ENC).attachment(a, "adapter") == b"again"
+
+
+DAMAGED = r"journal record 3 is damaged \(complete, checksum fails\).*refusing to drop an acknowledged write"
+
+
+def _two_writes(path: Path) -> tuple[EditMemory, int, tuple]:
+    """A journaling memory after two writes, the id of its first edit and its fingerprint."""
+    mem = new_durable(path, compact_bytes=0)
+    a = mem.add(shape_image("red"), "what colour is it?", "red")
+    mem.add(None, "who wrote hamlet?", "shakespeare")
+    return mem, a, fingerprint(mem, Path(path).parent)
+
+
+def test_damaged_complete_last_record_is_refused_not_dropped(tmp_path):
+    path = tmp_path / "m"
+    mem, a, _ = _two_writes(path)
+    mem.attach(a, "adapter", b"small adapter bytes")  # acknowledged: its fsync returned
+    mem.close()
+    seg = last_segment(path)
+    good = seg.read_bytes()
+    start = record_offsets(seg)[-1]
+    assert len(good) - start < BLOCK  # small: every bit of it below
+    # every bit of the last record (head, length field, payload, trailer), and every byte inverted
+    fd = os.open(seg, os.O_RDWR)
+    try:
+        for where in range(start, len(good)):
+            for mask in (*(1 << k for k in range(8)), 0xFF):
+                os.pwrite(fd, bytes([good[where] ^ mask]), where)
+                with pytest.raises(FormatError, match=DAMAGED):
+                    read_journal(path / "journal", 0)
+            os.pwrite(fd, good[where : where + 1], where)
+    finally:
+        os.close(fd)
+    # the length field above all: a length pointing past the end, or short of it, is not a torn write
+    for n in (0, 1, len(good) - start - 41, len(good) - start - 39, 1 << 20, 2**32 - 1):
+        bad = bytearray(good)
+        struct.pack_into("<I", bad, start + 12, n)
+        seg.write_bytes(bytes(bad))
+        with pytest.raises(FormatError, match=DAMAGED):
+            read_journal(path / "journal", 0)
+    # memory level: refused by load and by open, and the open leaves the segment as it was
+    for where in (start, start + 13, start + 30, (start + len(good)) // 2, len(good) - 30, len(good) - 1):
+        damaged = flipped(good, where, 0x10)
+        seg.write_bytes(damaged)
+        with pytest.raises(FormatError, match=DAMAGED):
+            EditMemory.load(path, ENC)
+        with pytest.raises(FormatError, match=DAMAGED):
+            EditMemory.open(path, ENC)
+        assert seg.read_bytes() == damaged
+    # an acknowledged write damaged, then a crash during the next append: still refused
+    seg.write_bytes(flipped(good, len(good) - 30, 0x01) + good[start : start + 25])
+    with pytest.raises(FormatError, match=DAMAGED):
+        read_journal(path / "journal", 0)
+    seg.write_bytes(good)
+    assert EditMemory.load(path, ENC).attachment(a, "adapter") == b"small adapter bytes"
+
+
+def test_sectors_that_never_landed_are_a_torn_write(tmp_path):
+    """A filesystem may grow a file before its data lands: sectors of an unfinished append read as zeros."""
+    path = tmp_path / "m"
+    mem, a, before = _two_writes(path)
+    big = np.random.default_rng(0).integers(1, 256, 6 * BLOCK, dtype=np.uint8).tobytes()
+    mem.attach(a, "adapter", big)
+    mem.close()
+    seg = last_segment(path)
+    good = seg.read_bytes()
+    start = record_offsets(seg)[-1]
+    # the record's share of each sector of the file
+    shares = [(max(b, start), min(b + BLOCK, len(good)))
+              for b in range(start // BLOCK * BLOCK, len(good), BLOCK)]
+    assert len(shares) >= 4
+
+    def zeroed(data: bytes, *spans: tuple[int, int]) -> bytes:
+        out = bytearray(data)
+        for lo, hi in spans:
+            out[lo:hi] = bytes(hi - lo)
+        return bytes(out)
+
+    cases = [zeroed(good, s) for s in shares]  # any one sector (the head's, the trailer's, one between)
+    cases += [zeroed(good, shares[0], shares[2]), zeroed(good, (start, len(good)))]  # several; all of it
+    cases += [zeroed(good, (shares[1][0], len(good)))[:cut] for cut in (shares[2][0] + 7, len(good) - 3)]
+    for data in cases:
+        seg.write_bytes(data)
+        assert [lsn for lsn, _ in read_journal(path / "journal", 0)[0]] == [1, 2]
+    seg.write_bytes(cases[1])
+    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before
+    # but a bit flip anywhere in the same record is damage, and so is a zeroed sector of a record that
+    # is followed by more bytes (the next append began only after this one's fsync returned)
+    for where in range(start, len(good), 97):
+        seg.write_bytes(flipped(good, where, 1 << (where % 8)))
+        with pytest.raises(FormatError, match=DAMAGED):
+            read_journal(path / "journal", 0)
+    seg.write_bytes(zeroed(good, shares[1]) + good[start : start + 30])
+    with pytest.raises(FormatError, match=DAMAGED):
+        read_journal(path / "journal", 0)
+    # a writer drops the torn record (zeros and all) and appends after it
+    seg.write_bytes(cases[-1])
+    with EditMemory.open(path, ENC, journal=JournalConfig(compact_on_close=False)) as w:
+        w.attach(a, "adapter", b"again")
+    assert EditMemory.load(path, ENC).attachment(a, "adapter") == b"again"
+
+
+_PAYLOAD = np.random.default_rng(1).integers(1, 256, 2 * BLOCK, dtype=np.uint8).tobytes()  # no zero byte
+
+
+def _segment_ending_with(start: int, payload: bytes) -> bytes:
+    """A version-2 segment of three records, the last (lsn 3, ``payload``) starting at byte ``start``."""
+    for n2 in range(8):  # two fillers reach every offset (a frame grows 4 bytes per sector it meets)
+        for n1 in range(max(0, start - 24 - 88 - 16), start):
+            f1 = frame(1, _PAYLOAD[:n1], 24)
+            f2 = frame(2, _PAYLOAD[:n2], 24 + len(f1))
+            if 24 + len(f1) + len(f2) == start:
+                return header(1) + f1 + f2 + frame(3, payload, start)
+            if 24 + len(f1) + len(f2) > start:
+                break
+    raise AssertionError(f"no fillers put a record at {start}")
+
+
+def test_every_alignment_of_head_and_trailer_on_sector_edges(tmp_path):
+    """A complete last record's flips are refused and its cuts dropped wherever it meets a sector edge."""
+    seg = tmp_path / "00000000000000000001.wal"
+    configs = [(BLOCK - k, _PAYLOAD[:40]) for k in range(27)] + [(BLOCK + 1, _PAYLOAD[:40])]
+    start = 2 * BLOCK - 100  # then records ending from 30 bytes before to 5 bytes after the sector edge
+    ends = {start + len(frame(3, _PAYLOAD[:n], start)) - 2 * BLOCK: n for n in range(10, 80)}
+    configs += [(start, _PAYLOAD[:n]) for d, n in ends.items() if -30 <= d <= 5]
+    assert len(configs) > 28 + 30
+    for start, payload in configs:
+        good = _segment_ending_with(start, payload)
+        seg.write_bytes(good)
+        assert [lsn for lsn, _ in read_segment(seg, last=True).records] == [1, 2, 3]
+        fd = os.open(seg, os.O_RDWR)  # damage in place: rewriting the file each time is slow
+        try:
+            for where in range(start, len(good)):  # every bit flip, and every byte inverted
+                for mask in (*(1 << k for k in range(8)), 0xFF):
+                    os.pwrite(fd, bytes([good[where] ^ mask]), where)
+                    with pytest.raises(FormatError, match=r"journal record 3 is damaged \(complete"):
+                        read_segment(seg, last=True)
+                os.pwrite(fd, good[where : where + 1], where)
+            for cut in range(len(good) - 1, start - 1, -1):
+                os.ftruncate(fd, cut)
+                got = read_segment(seg, last=True)
+                assert [lsn for lsn, _ in got.records] == [1, 2] and got.good_end == start
+        finally:
+            os.close(fd)
+
+
+def test_version_1_segments_read_as_before(tmp_path, caplog):
+    path = tmp_path / "m"
+    mem, a, _ = _two_writes(path)
+    mem.attach(a, "adapter", b"small adapter bytes")
+    live = fingerprint(mem, tmp_path)
+    mem.close()
+    seg = last_segment(path)
+    records, _ = read_journal(path / "journal", 0)
+    v1 = v1_segment(records, 1)
+    seg.write_bytes(v1)
+    assert fingerprint(EditMemory.load(path, ENC), tmp_path) == live
+    # no trailer to tell by: anything bad in the last version-1 record is dropped as torn, as it always was
+    start = len(v1) - 20 - len(records[-1][1])
+    for data in (v1[: start + 1], v1[: start + 25], v1[:-1], flipped(v1, start + 13, 0x40),
+                 flipped(v1, len(v1) - 2, 1)):
+        seg.write_bytes(data)
+        assert [lsn for lsn, _ in read_journal(path / "journal", 0)[0]] == [1, 2]
+    assert "torn last record" in caplog.text
+    seg.write_bytes(flipped(v1, 24 + 40, 0x08))  # damage in the first of three records
+    with pytest.raises(FormatError, match="followed by a valid record"):
+        read_journal(path / "journal", 0)
+    # a writer cuts a torn version-1 tail off, then writes version 2 only: into a segment of its own
+    seg.write_bytes(v1 + v1[start : start + 30])
+    with EditMemory.open(path, ENC, journal=JournalConfig(compact_on_close=False)) as w:
+        w.add(None, "who painted the mona lisa?", "leonardo")
+    segs = list_segments(path / "journal")
+    assert [first for first, _ in segs] == [1, 4]
+    assert segs[0][1].read_bytes() == v1
+    assert struct.unpack_from("<I", segs[1][1].read_bytes(), 8) == (2,)
+    again = EditMemory.load(path, ENC)
+    assert again.attachment(a, "adapter") == b"small adapter bytes"
+    assert sorted(e.answer for e in again.list()) == ["leonardo", "red", "shakespeare"]
+    with EditMemory.open(path, ENC):  # compacted on close: one segment, version 2
+        pass
+    assert [first for first, _ in list_segments(path / "journal")] == [5]
+    assert len(EditMemory.load(path, ENC)) == 3
 
 
 def test_corrupt_middle_record_is_a_format_error(tmp_path):
@@ -225,9 +422,6 @@ def test_newer_or_foreign_journal_is_refused(tmp_path):
     data = seg.read_bytes()
     from esg_memory.persist import JOURNAL_VERSION
 
-    old = struct.pack("<8sIQ", b"ESGJOURN", 1, 1)  # version 1 (before batch attachments) still reads
-    seg.write_bytes(old + struct.pack("<I", zlib.crc32(old)) + data[24:])
-    assert len(EditMemory.load(path, ENC)) == 1
     head = struct.pack("<8sIQ", b"ESGJOURN", JOURNAL_VERSION + 1, 1)
     seg.write_bytes(head + struct.pack("<I", zlib.crc32(head)) + data[24:])
     with pytest.raises(FormatError, match="newer"):
@@ -279,6 +473,19 @@ def test_failed_journal_write_changes_nothing(tmp_path, monkeypatch):
     assert fingerprint(EditMemory.load(path, ENC), tmp_path) == before
     mem.revise(a, answer="crimson")  # the journal is usable again: the partial record was cut off
     assert EditMemory.load(path, ENC).get(a).answer == "crimson"
+
+
+def test_a_record_over_the_size_limit_is_refused_before_writing(tmp_path, monkeypatch):
+    path = tmp_path / "m"
+    mem = new_durable(path)
+    a = mem.add(None, "what is the capital of france?", "paris")
+    before, seg = fingerprint(mem, tmp_path), last_segment(path).read_bytes()
+    monkeypatch.setattr(frames, "_MAX_RECORD", 4000)  # the real limit is 2 GiB
+    with pytest.raises(InvalidInputError, match="over the 4000-byte limit"):
+        mem.attach(a, "adapter", bytes(5000))
+    assert fingerprint(mem, tmp_path) == before and last_segment(path).read_bytes() == seg
+    mem.attach(a, "adapter", bytes(100))
+    assert EditMemory.load(path, ENC).attachment(a, "adapter") == bytes(100)
 
 
 def test_apply_failure_after_journaling_is_voided(tmp_path, monkeypatch):

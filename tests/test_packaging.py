@@ -151,6 +151,7 @@ def test_wheel_holds_both_packages_and_the_shipped_models(wheel_install: Path):
     assert any(n.startswith("esg_memory/assets/esg-easyvqa-llava/") for n in names)
     assert any(n.startswith("esg_memory/assets/esg-scenes-clip/") for n in names)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    assert all(f"esg_memory/serve/ui/static/{n}" in names for n in ("index.html", "app.js", "app.css"))
     probe = _from_wheel(wheel_install, "--help")
     assert probe.returncode == 0, probe.stderr
     where = subprocess.run(

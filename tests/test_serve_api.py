@@ -24,7 +24,7 @@ from esg_memory.errors import ConfigError
 from esg_memory.loading import model_placement
 from esg_memory.serve import add_serve_arguments, create_app, main, running_server
 from esg_memory.serve.auth import is_loopback, reads_protected
-from esg_memory.serve.cli import _open_model
+from esg_memory.serve.cli import open_model
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,7 +408,7 @@ def test_served_model_in_the_requested_dtype(tmp_path, dtype):
     import torch
 
     placement = model_placement(device="cpu", dtype=dtype)
-    em = _open_model("tiny-random-llava", "esg-tiny-clip", tmp_path / "m", **placement)
+    em = open_model("tiny-random-llava", "esg-tiny-clip", tmp_path / "m", **placement)
     want = getattr(torch, dtype)
     assert em.base_model.dtype == want
     assert {p.dtype for p in em.base_model.parameters() if p.is_floating_point()} == {want}

@@ -1,8 +1,12 @@
 """`EditEncoder`: turning an edit's own inputs, the locality pool and cross hard negatives into keys.
 
 Everything here is a function of one edit's content (plus the pool and config), or of one *pair*
-of edits for the cross negatives, encoded in batches whose composition depends only on that
-content: this is what keeps scopes independent of arrival order (and deletion exact).
+of edits for the cross negatives: which rows are encoded never depends on other edits, and this is
+what keeps scopes independent of arrival order (and deletion exact). A bulk add encodes the rows
+of many edits in the same encoder calls (`EditEncoder.versions`): exact for an encoder that
+computes each row on its own; a model whose float results vary with the batch (open_clip on the
+CPU, ~1e-7, as its embedding cache already makes them vary with what was encoded before) gives
+vectors equal to that precision.
 Images are looked up by sha256 through a ``blob`` callable: the plan's new images first, then the
 memory's committed store.
 """
@@ -10,7 +14,8 @@ memory's committed store.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,8 +41,22 @@ def edit_seed(seed: int, v: EditVersion) -> int:
     return int.from_bytes(h[:4], "little")
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """One version's encoder rows chosen before anything is encoded (see `EditEncoder.versions`)."""
+
+    v: EditVersion
+    img: bytes | None  # the version's image bytes
+    rows: list[tuple[Any, str | None]]  # candidates: (image, text)
+    labels: list[str]
+    fb_neg: list[tuple[Any, str | None]]  # feedback negatives (the last own-negative rows)
+
+
 class EditEncoder:
     """The memory's key encoder applied to edits: a function of content, config and the pool only."""
+
+    #: Most encoder rows one call of a bulk encode (`versions`) gets; a version is never split.
+    rows_per_call = 1024
 
     def __init__(self, encoder: Any, config: MemoryConfig) -> None:
         self.encoder = encoder
@@ -99,17 +118,47 @@ class EditEncoder:
 
     def version(self, v: EditVersion, blob: BlobLookup, pool: LocalityPool) -> EditVectors:
         """Encode one version's own inputs: a function of its content, the pool and the config only."""
+        return next(self.versions([v], blob, pool))
+
+    def versions(
+        self, vs: Sequence[EditVersion], blob: BlobLookup, pool: LocalityPool
+    ) -> Iterator[EditVectors]:
+        """`version` of each of ``vs``, in order, encoded together (a bulk add's vectors).
+
+        Consecutive versions are grouped into chunks of at most `rows_per_call` encoder rows (a
+        version is never split), and each chunk takes three encoder calls — its questions and the
+        generic questions as text-only keys, its images as image-only keys, then every row of every
+        version in it — instead of three per version; an encoder batches its model passes within a
+        call (`CachedTowers.batch_size`). Each row is the same input as `version` gives it, so an
+        encoder that computes every row on its own gives the same vectors bit for bit; a model whose
+        float results depend on the batch (open_clip on the CPU: last-bit differences, ~1e-7) gives
+        vectors equal to that precision. Chunks are encoded lazily, as the vectors are consumed.
+        """
+        chunk: list[_Rows] = []
+        size = 0
+        for v in vs:
+            rows = self._own_rows(v, blob)
+            n = len(rows.rows) + len(rows.fb_neg) + self._max_negatives(v, pool)
+            if chunk and size + n > self.rows_per_call:
+                yield from self._encode_chunk(chunk, blob, pool)
+                chunk, size = [], 0
+            chunk.append(rows)
+            size += n
+        if chunk:
+            yield from self._encode_chunk(chunk, blob, pool)
+
+    def _max_negatives(self, v: EditVersion, pool: LocalityPool) -> int:
+        """The most generic / pool hard-negative rows ``v`` can get (only an edit with an image has them)."""
+        if v.image is None:
+            return 0
+        return min(self.config.n_generic_questions, len(GENERIC_QUESTIONS)) + len(pool.images)
+
+    def _own_rows(self, v: EditVersion, blob: BlobLookup) -> _Rows:
+        """The candidate rows of ``v`` (anchor, user positives, templates, augmentations, feedback
+        positives) and its feedback negatives: everything that needs no encoding to be chosen."""
         cfg = self.config
         img = None if v.image is None else blob(v.image)
         q = v.question
-        txt = check_keys(
-            self.encoder.encode_texts([q, *GENERIC_QUESTIONS]),
-            1 + len(GENERIC_QUESTIONS),
-            self.dim,
-            "encoder text output",
-        )
-        qtext = txt[0]
-        ivec = self.image_vecs([img])[0] if img is not None else np.zeros(self.dim, np.float32)
         rows: list[tuple[Any, str | None]] = [(img, q)]
         labels = ["anchor"]
         seen = {(v.image, q)}
@@ -129,39 +178,68 @@ class EditEncoder:
             for j, aug in enumerate(augment_image(pil, cfg.n_image_positives, seed=edit_seed(cfg.seed, v))):
                 rows.append((aug, q))
                 labels.append(f"augment {j}")
-        fb_pos = [f for f in v.feedback if f.kind == "positive"]
-        fb_neg = [f for f in v.feedback if f.kind == "negative"]
-        for j, f in enumerate(fb_pos):
+        for j, f in enumerate(f for f in v.feedback if f.kind == "positive"):
             rows.append((None if f.image is None else blob(f.image), f.text))
             labels.append(f"feedback {j}")
-        n_cand = len(rows)
-        neg_labels: list[str] = []
-        if img is not None:
-            sims = txt[1:].astype(np.float64) @ qtext.astype(np.float64)
-            picked = [
-                g for g, s in zip(GENERIC_QUESTIONS, sims, strict=True) if s < cfg.hard_negative_max_text_sim
-            ][: cfg.n_generic_questions]
-            for g in picked:
-                rows.append((img, g))
-                neg_labels.append(f"same image, generic question {g!r}")
-            isims = pool.image_vecs.astype(np.float64) @ ivec.astype(np.float64)
-            for j, sha in enumerate(pool.images):
-                # A pool image this close to the edit's own shows the same subject: not "another image".
-                if sha != v.image and isims[j] < cfg.hard_negative_max_image_sim:
-                    rows.append((blob(sha), q))
-                    neg_labels.append(f"same question, locality image {j}")
-        for j, f in enumerate(fb_neg):
-            rows.append((None if f.image is None else blob(f.image), f.text))
-            neg_labels.append(f"feedback-negative {j}")
-        keys = self.keys([r[0] for r in rows], [r[1] for r in rows])
-        return EditVectors(
-            cand=keys[:n_cand],
-            cand_labels=tuple(labels),
-            own_neg=keys[n_cand:],
-            own_neg_labels=tuple(neg_labels),
-            qtext=qtext,
-            ivec=ivec,
-        )
+        fb_neg = [
+            (None if f.image is None else blob(f.image), f.text) for f in v.feedback if f.kind == "negative"
+        ]
+        return _Rows(v, img, rows, labels, fb_neg)
+
+    def _encode_chunk(
+        self, chunk: list[_Rows], blob: BlobLookup, pool: LocalityPool
+    ) -> Iterator[EditVectors]:
+        cfg = self.config
+        # questions first: a one-version chunk makes the very calls one `version` always made
+        texts = list(dict.fromkeys([*(r.v.question for r in chunk), *GENERIC_QUESTIONS]))
+        tvecs = check_keys(self.encoder.encode_texts(texts), len(texts), self.dim, "encoder text output")
+        text_at = {t: i for i, t in enumerate(texts)}
+        generic = tvecs[[text_at[g] for g in GENERIC_QUESTIONS]].astype(np.float64)
+        shas = list(dict.fromkeys(r.v.image for r in chunk if r.v.image is not None))
+        ivecs = self.image_vecs([blob(s) for s in shas])
+        image_at = {s: i for i, s in enumerate(shas)}
+        rows: list[tuple[Any, str | None]] = []
+        spans: list[tuple[_Rows, np.ndarray, np.ndarray, list[str], int, int]] = []
+        for r in chunk:
+            v, img, q = r.v, r.img, r.v.question
+            qtext = tvecs[text_at[q]]
+            ivec = ivecs[image_at[v.image]] if v.image is not None else np.zeros(self.dim, np.float32)
+            neg_rows: list[tuple[Any, str | None]] = []
+            neg_labels: list[str] = []
+            if img is not None:
+                sims = generic @ qtext.astype(np.float64)
+                picked = [
+                    g
+                    for g, s in zip(GENERIC_QUESTIONS, sims, strict=True)
+                    if s < cfg.hard_negative_max_text_sim
+                ][: cfg.n_generic_questions]
+                for g in picked:
+                    neg_rows.append((img, g))
+                    neg_labels.append(f"same image, generic question {g!r}")
+                isims = pool.image_vecs.astype(np.float64) @ ivec.astype(np.float64)
+                for j, sha in enumerate(pool.images):
+                    # A pool image this close to the edit's own shows the same subject: not "another image".
+                    if sha != v.image and isims[j] < cfg.hard_negative_max_image_sim:
+                        neg_rows.append((blob(sha), q))
+                        neg_labels.append(f"same question, locality image {j}")
+            neg_labels.extend(f"feedback-negative {j}" for j in range(len(r.fb_neg)))
+            start = len(rows)
+            rows.extend(r.rows)
+            rows.extend(neg_rows)
+            rows.extend(r.fb_neg)
+            spans.append((r, qtext, ivec, neg_labels, start, len(rows)))
+        keys = self.keys([row[0] for row in rows], [row[1] for row in rows])
+        for r, qtext, ivec, neg_labels, start, end in spans:
+            n_cand = len(r.rows)
+            own = keys[start:end].copy()  # each edit's own arrays: none keeps the chunk's alive
+            yield EditVectors(
+                cand=own[:n_cand],
+                cand_labels=tuple(r.labels),
+                own_neg=own[n_cand:],
+                own_neg_labels=tuple(neg_labels),
+                qtext=qtext.copy(),
+                ivec=ivec.copy(),
+            )
 
     def cross(self, lo: EditState, hi: EditState, blob: BlobLookup) -> tuple[np.ndarray, list[str]]:
         """One edit's image with the other's question and vice versa: negatives of both (see `Plan`)."""

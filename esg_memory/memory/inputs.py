@@ -67,6 +67,11 @@ def positives_arg(positives: Any, blobs: dict[str, bytes], stored: Committed) ->
         if isinstance(p, str):
             out.append(Positive(text=check_text(p, f"positives[{j}]")))
         elif isinstance(p, Positive):
+            if p.image is not None and not isinstance(p.image, str):
+                raise InvalidInputError(
+                    f"positives[{j}]: a Positive names a stored image by its sha256; pass a new picture "
+                    "as an (image, text|None) pair"
+                )
             if p.image is not None and p.image not in stored.blobs and p.image not in blobs:
                 raise ImageError(f"positives[{j}] names an image sha256 not stored in this memory")
             text = None if p.text is None else check_text(p.text, f"positives[{j}].text")
@@ -94,10 +99,11 @@ def image_arg(image: Any, blobs: dict[str, bytes]) -> str | None:
     return li.sha256
 
 
-def new_id(edit_id: Any, taken: set[int], stored: Committed) -> int:
-    """``edit_id`` checked (or the next free id): never one in use, taken by this write, or retired."""
+def new_id(edit_id: Any, taken: set[int], stored: Committed, start: int | None = None) -> int:
+    """``edit_id`` checked (or the next free id from ``start``, default the memory's next id): never one in
+    use, taken by this write, or retired."""
     if edit_id is None:
-        eid = stored.next_id
+        eid = stored.next_id if start is None else start
         while eid in stored.edits or eid in stored.retired or eid in taken:
             eid += 1
         return eid
@@ -143,6 +149,7 @@ def additions(
         raise InvalidInputError("add_many takes a list of dicts")
     taken: set[int] = set()
     out = []
+    start = stored.next_id  # as one add after another: numbering goes on after an explicit id
     for j, spec in enumerate(list(edits)):
         if not isinstance(spec, Mapping):
             raise InvalidInputError(f"edits[{j}] must be a dict")
@@ -154,8 +161,9 @@ def additions(
         sha = image_arg(spec.get("image"), blobs)
         pos = positives_arg(spec.get("positives"), blobs, stored)
         meta = metadata_arg(spec.get("metadata"))
-        eid = new_id(spec.get("edit_id"), taken, stored)
+        eid = new_id(spec.get("edit_id"), taken, stored, start)
         taken.add(eid)
+        start = max(start, eid + 1)
         v = EditVersion(
             version=1, question=q, answer=a, image=sha, positives=pos, created_at=now, reason="add"
         )

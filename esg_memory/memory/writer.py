@@ -148,14 +148,16 @@ class Writer:
                 new = [(self._with_attachments(ne, attachments, att_bytes), v) for ne, v in new]
             plan = self.plan(blobs)
             affected: set[int] = set()
-            for ne, v in new:
+            # encoded together, a chunk of edits per few encoder calls (`EditEncoder.versions`)
+            vecs = self.encoding.versions([v for _, v in new], self.blob_lookup(blobs), self.state.pool)
+            for (ne, v), vec in zip(new, vecs, strict=True):
                 st = EditState(
                     id=ne.edit_id,
                     created_at=now,
                     updated_at=now,
                     metadata=dict(ne.metadata),
                     versions=(v,),
-                    vec=self.encode_version(v, blobs),
+                    vec=vec,
                     fit=None,
                 )
                 affected |= plan.set_vectors(st, self.state.table.view())

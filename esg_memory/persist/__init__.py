@@ -2,7 +2,8 @@
 
 ================  ==========================================================================
 `snapshot`        a memory as a versioned directory of plain data (`save_snapshot`, `read_snapshot`)
-`journal`         the write-ahead journal: framing, segments, the fsyncing writer, record encoding
+`journal`         the write-ahead journal: segments, the fsyncing writer, record encoding
+`frames`          segment layout on disk: header, record frames, torn vs damaged tails
 `replay`          journal records turned back into the one `Change` they made
 `durable`         durable directories: writer lock, snapshot + journal, compaction, opening
 ================  ==========================================================================

@@ -6,10 +6,8 @@ the result of the write (the new `EditState` of every edit it created or re-fitt
 new image bytes, attachment bytes), serialised like a snapshot (`store.edit_doc`), so replay
 re-encodes nothing and reproduces the live memory bit for bit.
 
-Segment files ``journal/<first lsn, 20 digits>.wal``::
-
-    header  b"ESGJOURN" | u32 format version | u64 first lsn | u32 crc32(previous 20 bytes)
-    record  b"ESGR" | u64 lsn | u32 payload length | u32 crc32(lsn, length, payload) | payload
+Segment files ``journal/<first lsn, 20 digits>.wal``: a header, then one framed record per write
+(layout, checksums and what counts as a torn write: `esg_memory.persist.frames`).
 
 A payload is a safetensors blob: the record's JSON in its metadata (``"record"``), arrays and raw
 bytes (images as ``blob.<sha256>`` uint8 tensors, an attachment as ``attachment``) as tensors.
@@ -19,9 +17,11 @@ record is self-contained; the cost (the journal grows by the image bytes, a few 
 KB each) is bounded by compaction. Records carry consecutive lsns (log sequence numbers); a
 snapshot records the last lsn it holds, so replay skips what the snapshot already has.
 
-A record that does not check out (short, bad magic, bad checksum) at the *end* of the last
-segment is a torn write of a call that never returned: dropped with a warning. Anything bad
-followed by a good record, or lsns out of sequence, is corruption: `FormatError`.
+A record cut short at the end of the last segment is a torn write of a call that never returned:
+dropped with a warning (and cut off by the next writer). A complete record that fails its checksums
+(an acknowledged write damaged since), anything bad followed by a good record, or lsns out of
+sequence, is corruption: `FormatError`. A writer resuming a segment of an older format version
+starts a new segment; only the current version is written.
 """
 
 from __future__ import annotations
@@ -29,12 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import struct
 import time
-import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +40,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from index import fsync_dir, read_regular_file
+from index import fsync_dir
 
 from ..errors import EsgMemoryError, FormatError
 from ..memory.ops import Attach, Change, Op
+from .frames import HEAD, JOURNAL_VERSION, SEGMENT, Segment, frame, header, read_segment
 from .snapshot import edit_doc
 
 __all__ = [
@@ -65,16 +63,6 @@ __all__ = [
 
 logger = logging.getLogger("esg_memory.journal")
 
-# 2: an add's commit record may carry its edits' attachments (compiled adapters of a bulk import). A version-1
-# reader would drop them silently, so a version-2 segment is refused there; version-1 segments read as before.
-JOURNAL_VERSION = 2
-_HEAD_MAGIC = b"ESGJOURN"
-_HEAD = struct.Struct("<8sIQI")  # magic, version, first lsn, crc
-_REC_MAGIC = b"ESGR"
-_REC = struct.Struct("<4sQII")  # magic, lsn, length, crc
-_MAX_RECORD = 1 << 31
-_SEGMENT = re.compile(r"^(\d{20})\.wal$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 class JournalBrokenError(EsgMemoryError, OSError):
@@ -85,52 +73,7 @@ class JournalBrokenError(EsgMemoryError, OSError):
     """
 
 
-# ------------------------------------------------------------------------------------ framing
-def _header(first_lsn: int) -> bytes:
-    body = struct.pack("<8sIQ", _HEAD_MAGIC, JOURNAL_VERSION, first_lsn)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def _frame(lsn: int, payload: bytes) -> bytes:
-    head = struct.pack("<QI", lsn, len(payload))
-    return _REC_MAGIC + head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
-
-
-def _parse_at(data: bytes, pos: int) -> tuple[int, bytes, int] | None:
-    """(lsn, payload, end) of a record that checks out at ``pos``, else None."""
-    if len(data) - pos < _REC.size or data[pos : pos + 4] != _REC_MAGIC:
-        return None
-    _, lsn, n, crc = _REC.unpack_from(data, pos)
-    end = pos + _REC.size + n
-    if n > _MAX_RECORD or end > len(data):
-        return None
-    payload = data[pos + _REC.size : end]
-    if zlib.crc32(payload, zlib.crc32(data[pos + 4 : pos + 16])) != crc:
-        return None
-    return lsn, payload, end
-
-
-def _valid_after(data: bytes, start: int) -> int | None:
-    """Offset of the first record that checks out at or after ``start`` (error path only)."""
-    pos = data.find(_REC_MAGIC, start)
-    while pos >= 0:
-        if _parse_at(data, pos) is not None:
-            return pos
-        pos = data.find(_REC_MAGIC, pos + 1)
-    return None
-
-
-@dataclass
-class Segment:
-    """One parsed segment file."""
-
-    path: Path
-    first_lsn: int
-    records: list[tuple[int, bytes]]
-    good_end: int  # byte offset after the last good record
-    size: int
-
-
+# ------------------------------------------------------------------------------------ segments
 def segment_name(first_lsn: int) -> str:
     return f"{first_lsn:020d}.wal"
 
@@ -143,58 +86,10 @@ def list_segments(jdir: Path) -> list[tuple[int, Path]]:
         return []
     out = []
     for name in names:
-        m = _SEGMENT.match(name)
+        m = SEGMENT.match(name)
         if m:
             out.append((int(m.group(1)), jdir / name))
     return sorted(out)
-
-
-def read_segment(path: Path, last: bool) -> Segment:
-    """Parse one segment; a torn tail is dropped (with a warning) only in the last one."""
-    try:
-        data = read_regular_file(path)  # a segment name could point at a FIFO or /dev/zero
-    except OSError as e:
-        raise FormatError(f"journal {path.name}: unreadable ({e.strerror or e})") from None
-    if len(data) < _HEAD.size:
-        raise FormatError(f"journal {path.name}: truncated header ({len(data)} bytes)")
-    magic, version, first, crc = _HEAD.unpack_from(data, 0)
-    if magic != _HEAD_MAGIC or zlib.crc32(data[:20]) != crc:
-        raise FormatError(f"journal {path.name}: not an esg-memory journal segment (bad header)")
-    if version > JOURNAL_VERSION:
-        raise FormatError(
-            f"journal {path.name}: format version {version} is newer than this library's "
-            f"({JOURNAL_VERSION}); upgrade esg-memory"
-        )
-    if version < 1:
-        raise FormatError(f"journal {path.name}: unknown format version {version}")
-    m = _SEGMENT.match(path.name)
-    if m is None or int(m.group(1)) != first:
-        raise FormatError(f"journal {path.name}: header says first lsn {first}")
-    records: list[tuple[int, bytes]] = []
-    pos, expected = _HEAD.size, first
-    while pos < len(data):
-        got = _parse_at(data, pos)
-        if got is None:
-            later = _valid_after(data, pos + 1)
-            if later is not None:
-                raise FormatError(
-                    f"journal {path.name}: corrupt record at byte {pos} followed by a valid record "
-                    f"at byte {later} (not a torn write)"
-                )
-            if not last:
-                raise FormatError(f"journal {path.name}: bad record at byte {pos} in a non-final segment")
-            logger.warning(
-                "journal %s: dropping a torn last record at byte %d (%d bytes; a write that never returned)",
-                path.name, pos, len(data) - pos,
-            )
-            break
-        lsn, payload, end = got
-        if lsn != expected:
-            raise FormatError(f"journal {path.name}: record lsn {lsn} where {expected} was expected")
-        records.append((lsn, payload))
-        expected += 1
-        pos = end
-    return Segment(path, first, records, pos, len(data))
 
 
 class JournalGapError(FormatError):
@@ -251,6 +146,8 @@ class JournalWriter:
             self.rotate()
         else:
             self._open(segment.path, segment.good_end, segment.size)
+            if segment.version != JOURNAL_VERSION:  # records are framed as their segment says: start one
+                self.rotate()
 
     def _open(self, path: Path, good_end: int, size: int) -> None:
         fd = os.open(path, os.O_WRONLY)
@@ -260,7 +157,7 @@ class JournalWriter:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self.path, self.offset = fd, path, good_end
-        self.bytes_since_rotate = good_end - _HEAD.size
+        self.bytes_since_rotate = good_end - HEAD.size
 
     def rotate(self) -> Path:
         """Start a new segment at ``next_lsn`` (atomically: temp file, fsync, rename, fsync dir)."""
@@ -268,12 +165,12 @@ class JournalWriter:
         path = self.dir / segment_name(self.next_lsn)
         tmp = self.dir / f".{path.name}.tmp"
         with open(tmp, "wb") as f:
-            f.write(_header(self.next_lsn))
+            f.write(header(self.next_lsn))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(self.dir)
-        self._open(path, _HEAD.size, _HEAD.size)
+        self._open(path, HEAD.size, HEAD.size)
         return path
 
     def append(self, payload: bytes) -> int:
@@ -281,7 +178,7 @@ class JournalWriter:
         if self.broken is not None:
             raise JournalBrokenError(f"the journal is unusable ({self.broken}); reopen the memory")
         lsn = self.next_lsn
-        rec = _frame(lsn, payload)
+        rec = frame(lsn, payload, self.offset)
         t0 = time.perf_counter()
         try:
             view = memoryview(rec)

@@ -117,6 +117,9 @@ def create_app(
     from .openai_api import register_openai_routes  # /v1: OpenAI-compatible endpoints and error bodies
 
     register_openai_routes(app, service, token=token, root=root, protect_reads=protect_reads)
+    from .ui.routes import register_ui_routes  # /ui: the edit debugger's page and endpoints
+
+    register_ui_routes(app, service, token=token, root=root, protect_reads=protect_reads)
     return app
 
 

@@ -25,7 +25,7 @@ from .server import bind_host, serve
 __all__ = ["add_serve_arguments", "main", "run_from_args"]
 
 
-def _open_model(model_spec: str, clip_spec: str, memory_dir: Path, **placement: Any) -> Any:
+def open_model(model_spec: str, clip_spec: str, memory_dir: Path, **placement: Any) -> Any:
     """The served `EditedModel`; ``placement``: `model_placement`'s keywords for the base model (the key
     encoder stays on the CPU)."""
     # imported here: loading pulls in torch and transformers, which `--help` and refusals never need
@@ -90,7 +90,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
                                 getattr(args, "device_map", None))
     check_memory_dir(memory_dir)
-    model = _open_model(getattr(args, "model", None) or DEFAULT_MODEL, getattr(args, "clip", None)
+    model = open_model(getattr(args, "model", None) or DEFAULT_MODEL, getattr(args, "clip", None)
                         or DEFAULT_ENCODER, memory_dir, **placement)
     config = ServiceConfig(max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
     serve(model, memory_dir, host=host, port=args.port, log_level=args.log_level, token=token,

@@ -215,6 +215,14 @@ class EditService:
         return {"id": int(edit_id), "version": new, "rolled_back_to": int(version),
                 "persist_seconds": round(j["seconds"], 4)}
 
+    def feedback(self, image: Any, text: str | None, expected_edit_id: int | None) -> dict[str, Any]:
+        """`EditMemory.feedback`: the input should route to ``expected_edit_id`` (None: to no edit); scopes
+        are re-fitted and the change journaled before this returns."""
+        self._check_writable()
+        with self._wmutex, self._journaled("feedback") as j, self._reads.mutating():
+            out = self.model.memory.feedback(image, text, expected_edit_id)
+        return {**out.to_dict(), "persist_seconds": round(j["seconds"], 4)}
+
     # ------------------------------------------------------------------ reads
     def hits(self, edit_id: int) -> int:
         return self._reads.hits(edit_id)

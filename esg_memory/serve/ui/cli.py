@@ -1,0 +1,70 @@
+"""``esg-memory ui --memory DIR [--port P]``: the edit debugger (``/ui``) over a local memory, read-only.
+
+It loads the memory and the model as ``serve`` does, builds a read-only app bound to 127.0.0.1 (reads are
+open on loopback, no write is accepted, the directory is not locked, so a running ``serve`` may keep
+writing to it), prints the page's URL and serves until Ctrl-C. ``--port 0`` picks a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ...errors import ConfigError
+from ..directory import check_memory_dir
+
+__all__ = ["add_ui_arguments", "run_ui_from_args"]
+
+HOST = "127.0.0.1"
+
+
+def add_ui_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``ui`` options (``--memory/--model/--clip/--device/--dtype/--device-map`` come from the
+    parent parser when it has them, as for ``serve``)."""
+    have = set(getattr(parser, "_option_string_actions", {}))
+    for flag, text in (("--memory", "memory directory (must exist)"),
+                       ("--model", "model spec (registered name, local dir or HF id)"),
+                       ("--clip", "key-encoder spec"),
+                       ("--device", "base model device"),
+                       ("--dtype", "base model dtype: float32, float16 or bfloat16"),
+                       ("--device-map", "transformers device_map; needs esg-memory[accelerate]")):
+        if flag not in have:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
+    parser.add_argument("--port", type=int, default=8765,
+                        help="port on 127.0.0.1 (default 8765; 0: any free)")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def run_ui_from_args(args: argparse.Namespace) -> int:
+    """Serve the debugger over ``args.memory`` read-only on 127.0.0.1 until interrupted; returns 0."""
+    from ...loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
+    from ..app import create_app
+    from ..cli import open_model
+    from ..server import running_server
+
+    memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
+    if not memory:
+        raise ConfigError("ui needs --memory DIR (or $ESG_MEMORY_DIR)")
+    memory_dir = Path(memory)
+    if not check_memory_dir(memory_dir):
+        raise ConfigError(f"no saved memory in {str(memory_dir)!r}: `esg-memory ui` opens an existing one")
+    if not 0 <= int(args.port) < 65536:
+        raise ConfigError("--port must be in 0..65535")
+    placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
+                                getattr(args, "device_map", None))
+    model = open_model(getattr(args, "model", None) or DEFAULT_MODEL,
+                        getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, **placement)
+    app = create_app(model, memory_dir, read_only=True, host=HOST)
+    with running_server(app, HOST, int(args.port), log_level=args.log_level) as url:
+        sys.stdout.write(f"esg-memory ui: {url}/ui  (read-only, {len(model.memory)} edits; Ctrl-C stops)\n")
+        sys.stdout.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
