@@ -9,7 +9,9 @@ answers. Every claim is checked, printed as a table and written to an HTML repor
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import logging
 import tempfile
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError
+from .images import load_image
 from .loading import DEFAULT_ENCODER, DEFAULT_MODEL, load_base_model, load_encoder, new_memory
 
 __all__ = ["DemoReport", "DemoStep", "demo_pictures", "run_demo"]
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 SHAPE_Q = "what shape is in the image?"
 SHAPE_Q2 = "what shape does the image contain?"
 COLOR_Q = "what color is the shape?"
+#: The longer side of a row's thumbnail in ``report.html``, in pixels (easy-vqa pictures are 64 x 64).
+THUMB_PX = 64
 
 
 @dataclass
@@ -41,6 +46,11 @@ class DemoStep:
     rows: list[list[Any]]
     checks: list[tuple[str, bool]] = field(default_factory=list)
     note: str = ""
+    #: Per row, the picture of its input (a PIL image) or None (text only / no input); may be empty.
+    pictures: list[Any] = field(default_factory=list)
+
+    def picture(self, i: int) -> Any:
+        return self.pictures[i] if i < len(self.pictures) else None
 
     def markdown(self) -> str:
         cells = [self.header] + [[str(c) for c in r] for r in self.rows]
@@ -111,6 +121,7 @@ class _Story:
         self.model = EditedModel.wrap(self.base, self.processor, memory=memory, encoder=self.encoder)
         self.pics = demo_pictures()
         self.names: dict[int, str] = {}
+        self.inputs: dict[int, Any] = {}  # edit id -> the picture it was added on
 
     def answer(self, image: Any, question: str) -> tuple[str, int]:
         r = self.model.retrieve([image], [question])[0]
@@ -162,6 +173,7 @@ def _steps(s: _Story) -> list[DemoStep]:
         eid = s.model.add_edit(img, q, a, positives=pos, tune="sync")
         t_add.append(time.perf_counter() - t0)
         s.names[eid] = name
+        s.inputs[eid] = img
         rows.append([name, eid, q, a, f"{t_add[-1]:.2f}s", *s.scope_row(eid)[3:]])
     ids = {n: e for e, n in s.names.items()}
     steps.append(
@@ -174,6 +186,7 @@ def _steps(s: _Story) -> list[DemoStep]:
                 for e, name in s.names.items()
                 for report in [s.model.tune_reports.get(e)]
             ],
+            pictures=[img for _, img, *_ in edits],
         )
     )
 
@@ -193,6 +206,7 @@ def _steps(s: _Story) -> list[DemoStep]:
             ["probe", "question", "fired", "bare", "edited", "target"],
             rows,
             [(f"{r[0]} answers {r[5]!r}", o) for r, o in zip(rows, ok, strict=False)],
+            pictures=[img for _, img, _, _ in probes],
         )
     )
 
@@ -215,12 +229,14 @@ def _steps(s: _Story) -> list[DemoStep]:
             ["input", "question", "fired", "bare", "edited", "bit-identical"],
             rows,
             checks,
+            pictures=[img for _, img, _ in unrelated],
         )
     )
 
     before = {e: s.scope_row(e)[4] for e in s.names}
     eid_d = s.model.add_edit(red[2], SHAPE_Q, "disc", tune="sync")
     s.names[eid_d] = "D"
+    s.inputs[eid_d] = red[2]
     after = {e: s.scope_row(e)[4] for e in s.names if e != eid_d}
     moved = [s.names[e] for e in after if after[e] != before[e]]
     rows = [
@@ -241,6 +257,7 @@ def _steps(s: _Story) -> list[DemoStep]:
                 (f"conflicts left: {len(mem.conflicts())}", True),
             ],
             note=f"re-scoped: {', '.join(moved) or 'none'}",
+            pictures=[s.inputs[e] for e in after],
         )
     )
 
@@ -259,6 +276,7 @@ def _steps(s: _Story) -> list[DemoStep]:
                 (f"after revise (v{v2}) B answers 'azure' (got {revised!r})", revised.strip() == "azure"),
                 (f"after rollback B answers 'cobalt' (got {rolled!r})", rolled.strip() == "cobalt"),
             ],
+            pictures=[blue[0]] * len(rows),
         )
     )
 
@@ -272,6 +290,7 @@ def _steps(s: _Story) -> list[DemoStep]:
             ["probe", "fired", "bare", "edited", "bit-identical"],
             [["C: edit input", s.names.get(eid_c, "-"), bare_c, got_c, "yes" if same_c else "NO"]],
             [("C's input answers as the bare model, bit for bit", eid_c == -1 and same_c)],
+            pictures=[green[0]],
         )
     )
 
@@ -296,27 +315,74 @@ def _steps(s: _Story) -> list[DemoStep]:
             ["question", "before save", "after reload"],
             rows,
             [("every answer identical after reload", before_ans == after_ans)],
+            pictures=[im for im, _ in keep],
         )
     )
     return steps
 
 
-def _html(report: DemoReport, plot: str | None) -> str:
+def _thumbnail_png(image: Any, px: int = THUMB_PX) -> bytes:
+    """``image`` scaled so its longer side is ``px`` pixels (aspect kept), as PNG bytes."""
+    rgb = image.convert("RGB")
+    w, h = rgb.size
+    scale = px / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    buf = io.BytesIO()
+    rgb.resize(size, Image.Resampling.LANCZOS).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class _Pictures:
+    """Each distinct picture's blob id (the SHA-256 a memory stores it under) and thumbnail, computed once."""
+
+    def __init__(self) -> None:
+        self._sha: dict[int, tuple[Any, str]] = {}
+        self._uri: dict[str, str] = {}
+
+    def sha256(self, image: Any) -> str | None:
+        if image is None:
+            return None
+        if id(image) not in self._sha:  # the image is held too, so its id is not reused meanwhile
+            self._sha[id(image)] = (image, load_image(image).sha256)
+        return self._sha[id(image)][1]
+
+    def cell(self, image: Any, label: str) -> str:
+        sha = self.sha256(image)
+        if sha is None:
+            return "<td>text only</td>"
+        if sha not in self._uri:
+            self._uri[sha] = _data_uri(_thumbnail_png(image))
+        alt = html.escape("picture: " + label)
+        return f'<td><img src="{self._uri[sha]}" alt="{alt}" title="sha256 {sha}"></td>'
+
+
+def _table(st: DemoStep, pics: _Pictures) -> str:
+    shown = any(st.picture(i) is not None for i in range(len(st.rows)))
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in (["picture"] if shown else []) + st.header)
+    body = "".join(
+        "<tr>"
+        + (pics.cell(st.picture(i), str(r[0]) if r else "") if shown else "")
+        + "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
+        + "</tr>"
+        for i, r in enumerate(st.rows)
+    )
+    return f"<table border=1 cellpadding=4><tr>{head}</tr>{body}</table>"
+
+
+def _html(report: DemoReport, plot: str | None, pics: _Pictures | None = None) -> str:
+    pics = pics or _Pictures()
     parts = [
         f"<h1>esg-memory demo</h1><p>model <code>{html.escape(report.model)}</code>, encoder "
         f"<code>{html.escape(report.encoder)}</code>, {report.seconds:.1f} s, "
         f"{sum(ok for _, ok in report.checks)}/{len(report.checks)} checks passed</p>"
     ]
     for st in report.steps:
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in st.header)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in st.rows
-        )
         checks = "".join(f"<li>{'PASS' if ok else 'FAIL'} {html.escape(t)}</li>" for t, ok in st.checks)
-        parts.append(
-            f"<h2>{html.escape(st.title)}</h2><table border=1 cellpadding=4><tr>{head}</tr>{body}"
-            f"</table><ul>{checks}</ul>"
-        )
+        parts.append(f"<h2>{html.escape(st.title)}</h2>{_table(st, pics)}<ul>{checks}</ul>")
     if plot:
         parts.append(f'<img src="{plot}" alt="checks per step">')
     return "<html><body style='font-family:sans-serif'>" + "".join(parts) + "</body></html>"
@@ -369,8 +435,11 @@ def run_demo(
     report = DemoReport(steps, time.perf_counter() - t0, model or DEFAULT_MODEL, story.encoder.name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot = "checks.png" if _plot(report, out / "checks.png") else None
-    (out / "report.html").write_text(_html(report, plot))
+    plot = None  # embedded too, so report.html is one self-contained file
+    if _plot(report, out / "checks.png"):
+        plot = _data_uri((out / "checks.png").read_bytes())
+    pics = _Pictures()
+    (out / "report.html").write_text(_html(report, plot, pics))
     (out / "report.json").write_text(
         json.dumps(
             {
@@ -379,7 +448,15 @@ def run_demo(
                 "encoder": report.encoder,
                 "passed": report.passed,
                 "steps": [
-                    {"title": s.title, "header": s.header, "rows": s.rows, "checks": s.checks} for s in steps
+                    {
+                        "title": s.title,
+                        "header": s.header,
+                        "rows": s.rows,
+                        "checks": s.checks,
+                        # per row, the blob id (sha256 of the stored PNG) of its picture; null: text only
+                        "pictures": [pics.sha256(s.picture(i)) for i in range(len(s.rows))],
+                    }
+                    for s in steps
                 ],
             },
             indent=2,
