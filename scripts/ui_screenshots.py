@@ -2,9 +2,10 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/ui_screenshots.py [--out docs/ui]
 
-Needs Debian's chromium + chromium-driver and selenium (the dev extra). Writes edits.png, probe.png and
-scope-map.png. The browser tests (tests/test_ui.py) check the same views on the random tiny model; this
-script only takes pictures of what a user would see with the embedded default models.
+Needs Debian's chromium + chromium-driver and selenium (the dev extra). Writes edits.png, probe.png,
+scope-map.png and audit.png (the Audit view of a 16-edit easy-vqa eval run). The browser tests
+(tests/test_ui.py) check the same views on the random tiny model; this script only takes pictures of what
+a user would see with the embedded default models.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from esg_memory.demo import demo_pictures
+from esg_memory.eval import EvalConfig, run_eval
 from esg_memory.loading import DEFAULT_ENCODER, DEFAULT_MODEL
 from esg_memory.serve import create_app, running_server
 from esg_memory.serve.cli import open_model
@@ -52,8 +54,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="esg-ui-shots-"))
+    run_eval(EvalConfig(kind="easyvqa", edits=16, seed=0), tmp / "eval", progress=False)  # for the Audit view
     model = open_model(DEFAULT_MODEL, DEFAULT_ENCODER, tmp / "m")
-    app = create_app(model, tmp / "m", token=TOKEN)
+    app = create_app(model, tmp / "m", token=TOKEN, eval_dir=tmp / "eval")
     with running_server(app, "127.0.0.1", 0) as url, httpx.Client(base_url=url, timeout=600) as c:
         pictures = demo_pictures()  # held-out easy-vqa drawings by subject
         for colour, shape, question, answer in EDITS:
@@ -95,9 +98,16 @@ def main() -> int:
             d.find_element(By.CSS_SELECTOR, "#tab-map").click()
             wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#map g.probe"))
             d.save_screenshot(str(out / "scope-map.png"))
+
+            d.find_element(By.CSS_SELECTOR, "#tab-audit").click()
+            wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#audit-table tr.audit-row"))
+            d.find_element(By.CSS_SELECTOR, "#audit-table tr.audit-row").click()
+            wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#audit-table tr.audit-probes td table"))
+            d.save_screenshot(str(out / "audit.png"))
         finally:
             d.quit()
-    logging.getLogger("ui_screenshots").warning("wrote edits.png, probe.png, scope-map.png to %s", out)
+    logging.getLogger("ui_screenshots").warning("wrote edits.png, probe.png, scope-map.png, audit.png to %s",
+                                                out)
     return 0
 
 

@@ -21,6 +21,8 @@ FILES = {
     "scope_pareto.png",
     "probes.json",
     "probes.jsonl",
+    "audit.jsonl",
+    "probe_images",
 }
 METRICS = ("reliability", "t_gen", "i_gen", "t_loc", "m_loc", "portability", "audit")
 
@@ -86,6 +88,22 @@ def test_easyvqa_run_writes_every_file_and_is_deterministic(tmp_path, shipped):
     for name, curve in sc["curves"].items():
         assert curve[-1]["recall"] == curve[-1]["leak"] == 0.0, name  # above every cosine: nothing fires
         assert sc["oracle_at_our_leak"][name] >= 0.0
+    # audit.jsonl: one labelled line per method, protocol and scored edit, the shares' own rule
+    audit = [json.loads(t) for t in (tmp_path / "a" / "audit.jsonl").read_text().splitlines()]
+    assert audit[0]["type"] == "header" and audit[0]["format"] == "esg-memory-eval-audit"
+    for m in METHODS:
+        for proto in ("immediate", "retention"):
+            rows = [x for x in audit if x["type"] == "edit" and (x["method"], x["protocol"]) == (m, proto)]
+            a = on_disk["methods"][m][proto]["audit"]
+            ok = [x for x in rows if x["label"] != "unreliable"]
+            assert len(rows) == on_disk["methods"][m][proto]["n_edits"] and len(ok) == a["n_successful"]
+            for k in ("correct", "under", "over", "fail"):
+                share = sum(x["label"] == k for x in ok) / len(ok) if ok else None
+                assert share == (pytest.approx(a[k]) if ok else None), (m, proto, k)
+    gone = {x["case"] for x in audit if x["type"] == "deletion" and x["method"] == "ours"}
+    assert len(gone) == on_disk["stream"]["n_deletions"]
+    shas = {p["image"] for x in audit if x["type"] == "case" for p in x["probes"]} - {None}
+    assert shas == {p.stem for p in (tmp_path / "a" / "probe_images").iterdir()}
     md = (tmp_path / "a" / "results.md").read_text()
     assert "## scope on both axes" in md
     assert "## immediate" in md and "## retention" in md and "| ours |" in md and "Where vs what" in md
@@ -194,7 +212,10 @@ def test_text_records_immediate_only(tmp_path):
     )
     res = run_eval(cfg, tmp_path, progress=False)
     no_retention = {"scope_pareto.png", "probes.json", "probes.jsonl"}
-    assert {p.name for p in tmp_path.iterdir()} == FILES - no_retention
+    no_pictures = {"probe_images"}  # text records: the audit has no picture to show
+    assert {p.name for p in tmp_path.iterdir()} == FILES - no_retention - no_pictures
+    audit = [json.loads(t) for t in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert {x["protocol"] for x in audit if x["type"] == "edit"} == {"immediate"}
     ours = res["methods"]["ours"]
     assert ours["retention"] is None and ours["interaction"] is None
     imm = ours["immediate"]

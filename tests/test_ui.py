@@ -65,14 +65,22 @@ def driver():
 
 
 @pytest.fixture(scope="module")
-def site(serve_base, tmp_path_factory):
+def eval_run(tmp_path_factory):
+    """A real tiny eval run's output (the Audit view's data)."""
+    from _audit_fixtures import tiny_eval_run
+
+    return tiny_eval_run(tmp_path_factory.mktemp("eval") / "run")
+
+
+@pytest.fixture(scope="module")
+def site(serve_base, eval_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     files = {}
     for name, data in (("purple", PURPLE), ("green", GREEN), ("blue", BLUE)):
         files[name] = root / f"{name}.png"
         files[name].write_bytes(data)
-    with running(create_app(wrap(serve_base), root / "m", token=TOKEN)) as url, \
-            httpx.Client(base_url=url, timeout=60) as c:
+    app = create_app(wrap(serve_base), root / "m", token=TOKEN, eval_dir=eval_run)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         ids = {}
         for name, image, answer, question in (("purple", PURPLE, "purple", Q), ("green", GREEN, "green", Q),
                                               ("xss", None, "harmless", XSS)):
@@ -276,3 +284,91 @@ def test_this_is_wrong_sends_feedback(driver, site):
     wait(driver, lambda d: len(by_css(d, "#feedback-actions li")) >= 1, "feedback actions are listed")
     assert (text(driver, "#status") or "").startswith("feedback applied")
     assert_clean(driver, site.url)
+
+
+# ------------------------------------------------------------------------------------------ audit
+
+
+def loaded_images(driver, css: str) -> int:
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth)"
+        ".length", css)
+
+
+def choose(driver, select_id: str, value: str) -> None:
+    driver.execute_script("const s = document.getElementById(arguments[0]); s.value = arguments[1]; "
+                          "s.dispatchEvent(new Event('change'));", select_id, value)
+
+
+def audit_rows(driver) -> list:
+    return by_css(driver, "#audit-table tbody tr.audit-row")
+
+
+def test_audit_view_shows_each_edits_label_probes_pictures_and_the_deletion_audit(driver, site):
+    want = site.client.get("/audit").json()  # ours, retention
+    rows = want["rows"]
+    open_page(driver, site)
+    one(driver, "#tab-audit").click()
+    wait(driver, lambda d: len(audit_rows(d)) == len(rows), "a row per audited edit")
+    assert [int(r.get_attribute("data-case")) for r in audit_rows(driver)] == [r["case"] for r in rows]
+    assert [r.get_attribute("data-label") for r in audit_rows(driver)] == [r["label"] for r in rows]
+    assert len(by_css(driver, "#audit-summary tbody tr")) == len(want["summary"])
+    assert "current" in one(driver, '#audit-summary tr[data-method="ours"][data-protocol="retention"]'
+                            ).get_attribute("class")
+    wait(driver, lambda d: loaded_images(d, "#audit-table img.thumb") >= 1, "edit thumbnails load")
+    # an edit's probes, with their pictures
+    first = audit_rows(driver)[0]
+    first.click()
+    sub = f'#audit-table tr.audit-probes[data-case="{rows[0]["case"]}"]'
+    wait(driver, lambda d: len(by_css(d, sub + " tbody tr")) == len(rows[0]["probes"]), "the edit's probes")
+    pictured = sum(1 for p in rows[0]["probes"] if p["image"])
+    wait(driver, lambda d: loaded_images(d, sub + " img.mini") == pictured, "the probes' thumbnails load")
+    probe_text = text(driver, sub)
+    assert all(p["question"] in probe_text and p["kind"] in probe_text for p in rows[0]["probes"])
+    # the deletion audit: every deleted edit's probes
+    n_del = sum(len(d["right_after"]) for d in want["deletions"])
+    assert n_del > 0 and len(by_css(driver, "#deletion-table tbody tr")) == n_del
+    assert "deleted edits" in text(driver, "#deletion-info")
+    shot(driver, "audit")
+    # another method: its own rows and labels; then a filter by label keeps exactly that label's rows
+    other = site.client.get("/audit", params={"method": "always_nearest", "protocol": "immediate"}).json()
+    choose(driver, "audit-method", "always_nearest")
+    wait(driver, lambda d: "always_nearest" in (text(d, "#audit-count") or ""), "the method's rows load")
+    choose(driver, "audit-protocol", "immediate")
+    wait(driver, lambda d: "always_nearest, immediate" in (text(d, "#audit-count") or ""), "the protocol")
+    assert [r.get_attribute("data-label") for r in audit_rows(driver)] == [r["label"] for r in other["rows"]]
+    for label in [*sorted({r["label"] for r in other["rows"]}), "fail"]:
+        n = sum(r["label"] == label for r in other["rows"])
+        choose(driver, "audit-label", label)
+        wait(driver, lambda d, n=n: len(audit_rows(d)) == n, f"the {label} filter")
+        assert all(r.get_attribute("data-label") == label for r in audit_rows(driver))
+        assert (text(driver, "#audit-count") or "").startswith(f"{n} of {len(other['rows'])} edits")
+    choose(driver, "audit-label", "")
+    wait(driver, lambda d: len(audit_rows(d)) == len(other["rows"]), "no filter")
+    assert_clean(driver, site.url)
+
+
+def test_an_audit_only_server_and_a_results_directory_opened_on_the_page(driver, eval_run):
+    from esg_memory.serve.ui.audit_routes import create_audit_app
+
+    with running(create_audit_app(eval_run)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        want = c.get("/audit").json()
+        driver.get(url + "/ui")
+        wait(driver, lambda d: len(audit_rows(d)) == len(want["rows"]), "the audit loads at once")
+        assert driver.execute_script("return ['edits', 'probe', 'map'].map("
+                                     "v => document.getElementById('tab-' + v).hidden)") == [True] * 3
+        assert not driver.execute_script("return document.getElementById('view-audit').hidden")
+        wait(driver, lambda d: loaded_images(d, "#audit-table img.thumb") >= 1, "thumbnails load")
+        assert_clean(driver, url)
+        # the same run opened from this computer: read in the browser, the same rows, pictures as blob:
+        one(driver, "#audit-dir").send_keys(str(eval_run))
+        wait(driver, lambda d: "opened from this computer" in (text(d, "#audit-run") or ""), "the local run")
+        wait(driver, lambda d: len(audit_rows(d)) == len(want["rows"]), "its rows")
+        labels = [r.get_attribute("data-label") for r in audit_rows(driver)]
+        assert labels == [r["label"] for r in want["rows"]]
+        wait(driver, lambda d: loaded_images(d, "#audit-table img.thumb") >= 1, "local thumbnails load")
+        assert driver.execute_script("return [...document.querySelectorAll('#audit-table img.thumb')]"
+                                     ".every(i => !i.src || i.src.startsWith('blob:'))")
+        assert len(by_css(driver, "#deletion-table tbody tr")) == sum(len(d["right_after"])
+                                                                      for d in want["deletions"])
+        assert_clean(driver, url)

@@ -332,3 +332,213 @@ def test_ui_command_serves_the_page_read_only_and_prints_its_url(serve_base, tmp
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+# ------------------------------------------------------------------------------------------ audit (eval run)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """One real tiny eval run's output directory, shared by the audit tests."""
+    from _audit_fixtures import tiny_eval_run
+
+    return tiny_eval_run(tmp_path_factory.mktemp("eval") / "run")
+
+
+def test_audit_rows_agree_with_the_runs_results(eval_run):
+    import json
+
+    from esg_memory.serve.ui.audit_routes import create_audit_app
+
+    res = json.loads((eval_run / "results.json").read_text())
+    assert "audit.jsonl" in res["files"] and "probe_images" in res["files"]
+    with running(create_audit_app(eval_run)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        h = c.get("/health").json()
+        assert h["audit_only"] is True and h["run"] == eval_run.name
+        first = c.get("/audit").json()
+        assert (first["method"], first["protocol"]) == ("ours", "retention")
+        assert first["run"]["methods"] == list(res["config"]["methods"])
+        assert first["run"]["n_deletions"] == res["stream"]["n_deletions"] > 0
+        assert len(first["summary"]) == 2 * len(res["config"]["methods"])
+        labels_seen = set()
+        for s in first["summary"]:
+            m, p = s["method"], s["protocol"]
+            agg = res["methods"][m][p]
+            got = c.get("/audit", params={"method": m, "protocol": p}).json()
+            rows = got["rows"]
+            assert (got["method"], got["protocol"]) == (m, p)
+            assert len(rows) == s["n_edits"] == agg["n_edits"]
+            counts = {k: sum(r["label"] == k for r in rows) for k in ("correct", "under", "over", "fail")}
+            n_ok = sum(counts.values())
+            assert n_ok == agg["audit"]["n_successful"] == s["n_successful"]
+            assert n_ok == sum(r["reliable"] for r in rows)
+            for k, v in counts.items():
+                assert s["counts"][k] == v
+                want = agg["audit"][k]
+                assert (want is None) if n_ok == 0 else want == pytest.approx(v / n_ok), (m, p, k)
+            labels_seen |= {r["label"] for r in rows}
+            for r in rows:
+                kinds = [q["kind"] for q in r["probes"]]
+                assert kinds.count("reliability") == 1 and "m_loc" in kinds
+                assert (r["label"] == "unreliable") == (not r["reliable"])
+                if r["reliable"]:  # the label is ScopeEdit's class of (generalizes, leaks)
+                    assert r["label"] == {(True, False): "correct", (False, False): "under",
+                                          (True, True): "over", (False, True): "fail"}[
+                        (r["generalizes"], r["leaks"])]
+                for q in r["probes"]:
+                    assert q["question"] and q["target"] is not None and q["generated"] is not None
+                    assert (q["score"] is not None) == (m == "ours")
+                    if m == "bare":
+                        assert q["fired"] is None
+            for label in ("correct", "over"):
+                only = c.get("/audit", params={"method": m, "protocol": p, "label": label}).json()["rows"]
+                assert [r["case"] for r in only] == [r["case"] for r in rows if r["label"] == label]
+            # the deletion audit: its residue shares are results.json's
+            dele = got["deletions"]
+            assert len(dele) == res["stream"]["n_deletions"] and all(d["deleted"] for d in dele)
+            for stage in ("right_after", "final"):
+                probes = [q for d in dele for q in d[stage]]
+                want = agg_del = res["methods"][m]["deletion"][stage]
+                assert len(probes) == agg_del["n_probes"]
+                for k in ("text", "tokens", "bits"):
+                    assert want[k] == pytest.approx(np.mean([q["residue"][k] for q in probes]))
+                assert want["routed"] == pytest.approx(np.mean([q["fired"] is not None for q in probes]))
+        assert len(labels_seen) >= 2, labels_seen  # the run tells methods apart
+        # ours under retention is probes.jsonl's table: the same answers and margins per probe
+        lines = {x["probe"]: x for x in map(json.loads, (eval_run / "probes.jsonl").read_text().splitlines())}
+        for r in first["rows"]:
+            for q in r["probes"]:
+                line = lines[q["probe"]]
+                assert (q["generated"], q["exact_match"], q["fired"]) == (
+                    line["generated"], line["exact_match"], line["fired"])
+                assert q["margin"] == line["margin"] and q["score"] == line["score"]
+        for bad in ({"method": "nope"}, {"protocol": "later"}, {"label": "great"}):
+            r = c.get("/audit", params=bad)
+            assert r.status_code == 422 and r.json()["error"] == "InvalidInputError", bad
+
+
+def test_audit_thumbnails_are_small_pngs_and_no_name_leaves_their_folder(eval_run, tmp_path):
+    import hashlib
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from esg_memory.serve.ui.audit_routes import create_audit_app
+
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)
+    images = run / "probe_images"
+    planted = hashlib.sha256(b"not a thumbnail").hexdigest()
+    (images / f"{planted}.png").write_bytes(PURPLE)  # a file whose bytes are not its name
+    linked = hashlib.sha256((run / "results.json").read_bytes()).hexdigest()
+    (images / f"{linked}.png").symlink_to(run / "results.json")  # its name is right, its place is not
+    with running(create_audit_app(run)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        got = c.get("/audit").json()
+        shas = {q["image"] for r in got["rows"] for q in r["probes"] if q["image"]}
+        shas |= {r["image"] for r in got["rows"] if r["image"]}
+        assert shas and all(len(s) == 64 for s in shas)
+        for sha in shas:
+            r = c.get(f"/audit/images/{sha}")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert hashlib.sha256(r.content).hexdigest() == sha
+            assert max(Image.open(io.BytesIO(r.content)).size) <= 96
+        assert {p.stem for p in images.iterdir()} - {planted, linked} >= shas
+        secret = (run / "results.json").read_bytes()
+        for name in ("../results.json", "..%2Fresults.json", "..%2F..%2Fresults.json",
+                     "%2e%2e%2fresults.json", "....//results.json", "/etc/passwd", "%2Fetc%2Fpasswd",
+                     "A" * 64, sha.upper(), sha + ".png", sha[:63], "x" * 64, "%00" + sha[:61],
+                     linked + "%2F"):
+            r = c.get("/audit/images/" + name, follow_redirects=True)  # a trailing "/" is redirected
+            assert r.status_code in (404, 422), (name, r.status_code)
+            assert r.content != secret and b'"format"' not in r.content
+        assert c.get("/audit/images/" + "0" * 64).status_code == 404
+        assert c.get(f"/audit/images/{planted}").status_code == 404  # bytes that do not hash to the name
+        assert c.get(f"/audit/images/{linked}").status_code == 404  # a link out of the folder, named right
+    assert not [p for p in images.iterdir() if p.suffix != ".png"]
+
+
+def test_audit_on_the_service_is_protected_like_its_reads(serve_base, eval_run, tmp_path):
+    app = create_app(wrap(serve_base), tmp_path / "m", token=TOKEN, protect_reads=True, eval_dir=eval_run)
+    with running(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        sha = next(r["image"] for r in c.get("/audit", headers=AUTH).json()["rows"] if r["image"])
+        for path in ("/audit", f"/audit/images/{sha}"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer " + "x" * 20}).status_code == 403, path
+            assert c.get(path, headers=AUTH).status_code == 200, path
+        doc = c.get("/openapi.json").json()
+        assert {"/audit", "/audit/images/{sha}"} <= set(doc["paths"])
+        for model in ("AuditReply", "AuditEditRow", "AuditProbe", "AuditDeletionRow", "AuditSummary"):
+            assert model in doc["components"]["schemas"], model
+    # the audit-only app decides as create_app does: protected beyond loopback, which needs a token
+    from esg_memory.serve.ui.audit_routes import create_audit_app
+
+    with pytest.raises(ConfigError, match="no bearer token"):
+        create_audit_app(eval_run, host="0.0.0.0")
+    with running(create_audit_app(eval_run, token=TOKEN, host="0.0.0.0")) as url, \
+            httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        assert c.get("/audit").status_code == 401 and c.get("/audit", headers=AUTH).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/ui").status_code == 200
+    # without an eval run the page can still ask: no run, no rows
+    with running(create_app(wrap(serve_base), tmp_path / "m2", token=TOKEN)) as url, \
+            httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        got = c.get("/audit")
+        assert got.status_code == 200 and got.json()["run"] is None and got.json()["rows"] == []
+        assert c.get("/audit/images/" + "0" * 64).status_code == 404
+
+
+def test_a_directory_without_an_audit_is_refused_before_anything_is_served(serve_base, eval_run, tmp_path):
+    import shutil
+
+    from esg_memory.serve.ui.audit_routes import create_audit_app
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_audit_app(tmp_path / "none")
+    old = tmp_path / "old"
+    shutil.copytree(eval_run, old)
+    (old / "audit.jsonl").unlink()
+    with pytest.raises(ConfigError, match="predates the audit file"):
+        create_audit_app(old)
+    with pytest.raises(ConfigError, match="predates the audit file"):
+        create_app(wrap(serve_base), tmp_path / "m", token=TOKEN, eval_dir=old)
+    # refused before the directory lock: the memory opens at once afterwards
+    with running(create_app(wrap(serve_base), tmp_path / "m", token=TOKEN)) as url:
+        assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200
+    (old / "audit.jsonl").write_text('{"type": "header", "format": "other"}\n')
+    with pytest.raises(ConfigError, match="esg-memory-eval-audit v1"):
+        create_audit_app(old)
+    (old / "audit.jsonl").write_text("not json\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        create_audit_app(old)
+
+
+def test_ui_command_serves_an_eval_runs_audit_without_a_model(eval_run):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ESG_MEMORY_DIR", None)
+    argv = [sys.executable, "-m", "esg_memory.cli", "ui", "--eval", str(eval_run), "--port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and "/ui" not in line:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                line = proc.stdout.readline()
+            if proc.poll() is not None:
+                break
+        m = re.search(r"(http://127\.0\.0\.1:\d+)/ui", line)
+        assert m, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert f"the audit of {eval_run.name}" in line and "read-only" in line
+        with httpx.Client(base_url=m.group(1), timeout=TIMEOUT) as c:
+            assert c.get("/ui").headers["content-security-policy"] == UI_CSP
+            assert c.get("/health").json()["audit_only"] is True
+            assert c.get("/audit").json()["run"]["name"] == eval_run.name
+            assert c.get("/edits").status_code == 404  # no memory here
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()

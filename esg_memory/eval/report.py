@@ -1,8 +1,10 @@
-"""What a run leaves behind: ``results.json``, ``results.md`` (tables) and PNG plots (matplotlib, Agg)."""
+"""What a run leaves behind: ``results.json``, ``results.md`` (tables) and PNG plots (matplotlib, Agg);
+``probes.json`` / ``probes.jsonl``, and ``audit.jsonl`` with ``probe_images/`` (`esg_memory.eval.audit`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -12,6 +14,7 @@ from index import atomic_write_bytes
 
 from ..errors import ConfigError
 from .aggregate import EDIT_GEN_KINDS
+from .audit import AUDIT_FILE, IMAGES_DIR, AuditInput, write_audit
 
 __all__ = [
     "check_plotting",
@@ -40,6 +43,7 @@ _EM = (
     ("portability_em", "Port EM"),
     ("loc_unchanged", "loc answers unchanged"),
 )
+logger = logging.getLogger(__name__)
 _PACKAGES = ("esg-memory", "torch", "transformers", "open_clip_torch", "faiss-cpu", "numpy", "easy-vqa")
 
 
@@ -288,9 +292,13 @@ def probe_lines(columns: dict[str, Any], protocol: str = "retention", method: st
     return out
 
 
-def write_outputs(results: dict[str, Any], out: Path, probes: dict[str, Any] | None = None) -> None:
+def write_outputs(
+    results: dict[str, Any], out: Path, probes: dict[str, Any] | None = None, audit: AuditInput | None = None
+) -> None:
     """``results.json`` (atomic), ``results.md``, the PNG plots and, given the per-probe table,
-    ``probes.json`` (column-wise) and ``probes.jsonl`` (the same, a line per probe) into ``out``."""
+    ``probes.json`` (column-wise) and ``probes.jsonl`` (the same, a line per probe) into ``out``; given
+    the audit's input, ``audit.jsonl`` and the probes' thumbnails in ``probe_images/``
+    (`esg_memory.eval.audit`)."""
     out.mkdir(parents=True, exist_ok=True)
     results["files"] = ["results.json", "results.md", *_plots(results, out), *_pareto(results, out)]
     if probes is not None:
@@ -299,5 +307,10 @@ def write_outputs(results: dict[str, Any], out: Path, probes: dict[str, Any] | N
         lines = "".join(json.dumps(r) + "\n" for r in probe_lines(probes))
         atomic_write_bytes(out / "probes.jsonl", lines.encode("utf-8"))
         results["files"] += ["probes.json", "probes.jsonl"]
+    if audit is not None:
+        wrote = write_audit(audit, out)
+        logger.info("audit: %d lines (%d bytes), %d thumbnails (%d bytes)", wrote["lines"], wrote["bytes"],
+                    wrote["images"], wrote["image_bytes"])
+        results["files"] += [AUDIT_FILE, *([IMAGES_DIR] if wrote["images"] else [])]
     atomic_write_bytes(out / "results.md", render_markdown(results).encode("utf-8"))
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, sort_keys=False).encode("utf-8"))

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .aggregate import EDIT_GEN_KINDS, aggregate, deletion_audit, interaction_audit, probe_record
+from .audit import AuditInput
 from .baselines import METHODS, KeyViews, baseline_route
 from .cases import EvalDataset
 from .data import load_dataset
@@ -216,12 +217,17 @@ class _Run:
         return items
 
     # ---- routing and scoring -------------------------------------------------------------------
+    def route_ours(self, probes: list[int]) -> Any:
+        """The memory's `RouteResult` for ``probes`` (None while it holds no edit)."""
+        if not len(self.em.memory):
+            return None
+        return self.em.memory.route(keys=self.keys.take(np.asarray(probes, dtype=np.int64)).joint)
+
     def route(self, method: str, probes: list[int]) -> np.ndarray:
         q = self.keys.take(np.asarray(probes, dtype=np.int64))
         if method == "ours":
-            if not len(self.em.memory):
-                return np.full(len(probes), -1)
-            return np.asarray(self.em.memory.route(keys=q.joint).edit_ids, dtype=np.int64)
+            r = self.route_ours(probes)
+            return np.full(len(probes), -1) if r is None else np.asarray(r.edit_ids, dtype=np.int64)
         live = self.live
         anchors = self.keys.take(np.asarray([self.anchor_probe[c] for c in live], dtype=np.int64))
         idx = baseline_route(
@@ -259,7 +265,8 @@ class _Run:
             f_outs = self.scorer.post(f_items, self.keys.joint, [e for _, e in own], f_vers, real=False)
             forced = {p: o for (p, _), o in zip(own, f_outs, strict=True)}
         for m in self.methods:
-            ids = self.route(m, probes)
+            detail = self.route_ours(probes) if m == "ours" else None
+            ids = self.route(m, probes) if detail is None else np.asarray(detail.edit_ids, dtype=np.int64)
             vers = [self.version.get(case_of.get(int(e), -1), 0) if e >= 0 else 0 for e in ids]
             outs = self.scorer.post(items, self.keys.joint, ids, vers, real=m == "ours")
             out[m] = [
@@ -276,7 +283,20 @@ class _Run:
                 )
                 for p, o, e in zip(probes, outs, ids, strict=True)
             ]
+            for i, (p, rec) in enumerate(zip(probes, out[m], strict=True)):  # for audit.jsonl
+                rec["target"] = self.target(p)
+                if detail is not None:
+                    rec["score"] = float(detail.scores[i])
+                    rec["threshold"] = float(detail.thresholds[i])
+                    rec["margin"] = float(detail.margins[i])
         return out
+
+    def audit_input(self, records: dict, deleted: dict) -> AuditInput:
+        """What ``audit.jsonl`` needs (`esg_memory.eval.audit`): the cases, the probes, the records."""
+        cases = [{"uid": k.uid, "edit_id": self.eid.get(c), "question": k.question, "answer": self.answer[c],
+                  "image": k.image, "deleted": c in self.eid and c not in self.live}
+                 for c, k in enumerate(self.ds.cases)]
+        return AuditInput(cases, self.owner, self.kinds, self.questions, self.images, records, deleted)
 
 
 def run_eval(
@@ -464,7 +484,10 @@ def run_eval(
         },
     }
     if out_dir is not None:
-        write_outputs(results, Path(out_dir), probes=table)
+        recs = {m: {**({"immediate": immediate[m]} if do_imm else {}),
+                    **({"retention": final_ret[m]} if do_ret and final_ret else {})} for m in run.methods}
+        gone = {m: {"right_after": del_immediate[m], "final": del_final[m]} for m in run.methods}
+        write_outputs(results, Path(out_dir), probes=table, audit=run.audit_input(recs, gone))
     return results
 
 

@@ -40,6 +40,7 @@ def create_app(
     protect_reads: bool | None = None,
     config: ServiceConfig | None = None,
     host: str | None = None,
+    eval_dir: str | os.PathLike | None = None,
 ) -> Any:
     """A FastAPI app serving ``model`` (an `EditedModel`) and persisting its edits to ``memory_dir``.
 
@@ -51,7 +52,9 @@ def create_app(
     `running_server` then refuses to bind elsewhere). Protected reads without a token are refused
     (`ConfigError`). ``/health`` and the API docs stay open. ``allowed_root``: directory that
     ``image_path`` fields may point into (symlinks and ``..`` resolved); None disables paths.
-    A writable app takes an exclusive lock on ``memory_dir`` until it shuts down.
+    ``eval_dir``: an ``esg-memory eval --out`` directory whose audit ``GET /audit`` serves (the page's
+    Audit view; `esg_memory.serve.ui.audit_routes`). A writable app takes an exclusive lock on
+    ``memory_dir`` until it shuts down.
     """
     from contextlib import asynccontextmanager
 
@@ -74,6 +77,11 @@ def create_app(
     root = None if allowed_root is None else Path(allowed_root).resolve()
     if root is not None and not root.is_dir():
         raise ConfigError(f"allowed root {str(root)!r} is not a directory")
+    audit = None
+    if eval_dir is not None:  # read (and refused) before the directory lock is taken
+        from .ui.audit import EvalAudit
+
+        audit = EvalAudit(eval_dir)
     lock = None if cfg.read_only else DirectoryLock(memory_dir).acquire()
     metrics = Metrics()
     metrics.counter("http_requests_total", "HTTP requests by endpoint template, method and status.",
@@ -119,7 +127,7 @@ def create_app(
     register_openai_routes(app, service, token=token, root=root, protect_reads=protect_reads)
     from .ui.routes import register_ui_routes  # /ui: the edit debugger's page and endpoints
 
-    register_ui_routes(app, service, token=token, root=root, protect_reads=protect_reads)
+    register_ui_routes(app, service, token=token, root=root, protect_reads=protect_reads, audit=audit)
     return app
 
 

@@ -1,8 +1,11 @@
-"""``esg-memory ui --memory DIR [--port P]``: the edit debugger (``/ui``) over a local memory, read-only.
+"""``esg-memory ui --memory DIR [--eval RUN] [--port P]``: the edit debugger (``/ui``) over a local memory,
+read-only, with an eval run's audit.
 
 It loads the memory and the model as ``serve`` does, builds a read-only app bound to 127.0.0.1 (reads are
 open on loopback, no write is accepted, the directory is not locked, so a running ``serve`` may keep
 writing to it), prints the page's URL and serves until Ctrl-C. ``--port 0`` picks a free port.
+``--eval RUN`` (an ``esg-memory eval --out`` directory) adds its audit (the page's Audit view); with
+``--eval`` and no memory only the audit is served, and no model is loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        ("--device-map", "transformers device_map; needs esg-memory[accelerate]")):
         if flag not in have:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
+    parser.add_argument("--eval", dest="eval_dir", metavar="RUN", default=None,
+                        help="an `esg-memory eval --out` directory: its audit in the Audit view (alone: "
+                             "only the audit, no model loaded)")
     parser.add_argument("--port", type=int, default=8765,
                         help="port on 127.0.0.1 (default 8765; 0: any free)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -40,27 +46,43 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def run_ui_from_args(args: argparse.Namespace) -> int:
-    """Serve the debugger over ``args.memory`` read-only on 127.0.0.1 until interrupted; returns 0."""
+    """Serve the debugger over ``args.memory`` (and/or the audit of ``args.eval_dir``) read-only on
+    127.0.0.1 until interrupted; returns 0."""
     from ...loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
     from ..app import create_app
     from ..cli import open_model
     from ..server import running_server
 
     memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
-    if not memory:
-        raise ConfigError("ui needs --memory DIR (or $ESG_MEMORY_DIR)")
-    memory_dir = Path(memory)
-    if not check_memory_dir(memory_dir):
-        raise ConfigError(f"no saved memory in {str(memory_dir)!r}: `esg-memory ui` opens an existing one")
+    eval_dir = getattr(args, "eval_dir", None)
+    if not memory and not eval_dir:
+        raise ConfigError("ui needs --memory DIR (or $ESG_MEMORY_DIR), --eval RUN, or both")
     if not 0 <= int(args.port) < 65536:
         raise ConfigError("--port must be in 0..65535")
-    placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
-                                getattr(args, "device_map", None))
-    model = open_model(getattr(args, "model", None) or DEFAULT_MODEL,
-                        getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, **placement)
-    app = create_app(model, memory_dir, read_only=True, host=HOST)
+    if not memory:
+        from .audit_routes import create_audit_app
+
+        app = create_audit_app(eval_dir, host=HOST)
+        what = f"the audit of {Path(eval_dir).resolve().name}"
+    else:
+        memory_dir = Path(memory)
+        if not check_memory_dir(memory_dir):
+            raise ConfigError(f"no saved memory in {str(memory_dir)!r}: `esg-memory ui` opens an "
+                              "existing one")
+        if eval_dir:
+            from .audit import EvalAudit
+
+            EvalAudit(eval_dir)  # a bad run directory is refused before the model loads
+        placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
+                                    getattr(args, "device_map", None))
+        model = open_model(getattr(args, "model", None) or DEFAULT_MODEL,
+                           getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, **placement)
+        app = create_app(model, memory_dir, read_only=True, host=HOST, eval_dir=eval_dir)
+        what = f"{len(model.memory)} edits"
+        if eval_dir:
+            what += f", the audit of {Path(eval_dir).resolve().name}"
     with running_server(app, HOST, int(args.port), log_level=args.log_level) as url:
-        sys.stdout.write(f"esg-memory ui: {url}/ui  (read-only, {len(model.memory)} edits; Ctrl-C stops)\n")
+        sys.stdout.write(f"esg-memory ui: {url}/ui  (read-only, {what}; Ctrl-C stops)\n")
         sys.stdout.flush()
         try:
             while True:

@@ -1,8 +1,9 @@
 """The edit debugger: the page at ``/ui`` and the endpoints it needs beyond the native API.
 
 The page (``esg_memory/serve/ui/static/``: plain HTML, CSS and JavaScript, no CDN) is served with a strict
-Content-Security-Policy (`UI_CSP`: same-origin scripts and styles only, no inline script) and uses only
-the public HTTP API. Its extra endpoints are ordinary API routes, protected like the native ones:
+Content-Security-Policy (`UI_CSP`: same-origin scripts and styles only, no inline script;
+`esg_memory.serve.ui.page`, whose names are re-exported here) and uses only the public HTTP API. Its extra
+endpoints are ordinary API routes, protected like the native ones:
 
 - ``GET /edits/{id}/image``: the stored image bytes with their content type (a read).
 - ``GET /edits/{id}/neighbours?k=``: the edits nearest its anchor key, and the memory's neighbour relations.
@@ -11,13 +12,13 @@ the public HTTP API. Its extra endpoints are ordinary API routes, protected like
 - ``GET /scope-map``, ``POST /scope-map`` (with probed inputs): a 2-D projection of every key
   (`esg_memory.serve.ui.data.scope_map`).
 - ``POST /feedback`` (a write: the bearer token): `EditMemory.feedback`, journaled.
+- ``GET /audit``, ``GET /audit/images/{sha}``: an eval run's audit (`esg_memory.serve.ui.audit_routes`).
 
 Writes take the token from the ``Authorization`` header only (never a cookie), so a cross-site page cannot
 make one (no CSRF). No ``from __future__ import annotations``: FastAPI reads the annotations at runtime.
 """
 
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,25 +29,9 @@ from ..bodies import read_body
 from ..generation import GenerateOptions
 from ..service import EditService
 from .data import candidates, image_media_type, key_table, neighbours, scope_map
+from .page import UI_CSP, UI_FILES, register_ui_page, ui_file
 
-__all__ = ["UI_CSP", "UI_FILES", "register_ui_routes", "ui_file"]
-
-#: The Content-Security-Policy of every /ui response: nothing but same-origin scripts, styles and fetches.
-UI_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
-          "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
-#: The page's files (package data) and their content types.
-UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-            "app.css": "text/css; charset=utf-8"}
-_HEADERS = {"Content-Security-Policy": UI_CSP, "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
-
-
-def ui_file(name: str) -> bytes:
-    """The bytes of one of the page's files (`UI_FILES`), read from the installed package."""
-    if name not in UI_FILES:
-        raise InvalidInputError(f"no UI file {name!r}")
-    return resources.files("esg_memory.serve.ui").joinpath("static", name).read_bytes()
-
+__all__ = ["UI_CSP", "UI_FILES", "register_ui_page", "register_ui_routes", "ui_file"]
 
 def _rows(body: Any, root: Path | None, limit: int) -> list[tuple[Any, str]]:
     """(PIL image | None, prompt) rows of a `RouteIn` body: one image for every prompt, or one per prompt."""
@@ -68,8 +53,9 @@ def _rows(body: Any, root: Path | None, limit: int) -> list[tuple[Any, str]]:
 
 
 def register_ui_routes(app: Any, service: EditService, *, token: str | None, root: Path | None,
-                       protect_reads: bool) -> None:
-    """Add the page and its endpoints to ``app`` (reads need ``token`` when ``protect_reads``)."""
+                       protect_reads: bool, audit: Any = None) -> None:
+    """Add the page and its endpoints to ``app`` (reads need ``token`` when ``protect_reads``), and the
+    Audit view's over ``audit`` (an `EvalAudit`; None: ``GET /audit`` says there is no run)."""
     from fastapi import Depends, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import Response
@@ -93,20 +79,10 @@ def register_ui_routes(app: Any, service: EditService, *, token: str | None, roo
     bare_lock = threading.Lock()  # one bare generation at a time: the batcher keeps the model busy already
 
     memory = service.model.memory  # the service never swaps its model's memory
+    register_ui_page(app)
+    from .audit_routes import register_audit_routes  # GET /audit, /audit/images/{sha}
 
-    def page(name: str) -> Response:
-        return Response(ui_file(name), media_type=UI_FILES[name], headers=_HEADERS)
-
-    @app.get("/ui", include_in_schema=False)
-    @app.get("/ui/", include_in_schema=False)
-    async def ui_index() -> Response:
-        return page("index.html")
-
-    @app.get("/ui/{name}", include_in_schema=False)
-    async def ui_asset(name: str) -> Response:
-        if name not in UI_FILES:
-            raise HTTPException(404, f"no UI file {name!r}")
-        return page(name)
+    register_audit_routes(app, audit, reads, read_errors)
 
     @app.get("/edits/{edit_id}/image", tags=["debugger"], dependencies=reads, response_class=Response,
              responses={200: {"description": "The stored image bytes", "content": {"image/*": {}}},

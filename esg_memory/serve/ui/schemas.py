@@ -6,13 +6,20 @@ content-neutral request model read from JSON or a form by `esg_memory.serve.bodi
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..schemas import RoutedRow
 
 __all__ = [
+    "AuditDeletionRow",
+    "AuditEditRow",
+    "AuditHealth",
+    "AuditProbe",
+    "AuditReply",
+    "AuditRun",
+    "AuditSummary",
     "BareReply",
     "BareRow",
     "Candidate",
@@ -122,3 +129,107 @@ class FeedbackReply(_Out):
     resolved: bool
     persist_seconds: float | None = None
 
+
+
+# ------------------------------------------------------------------------------------- eval audit (/audit)
+
+
+class AuditRun(_Out):
+    """The eval run an ``/audit`` reply reads (``esg-memory ui --eval DIR``)."""
+
+    name: str = Field(description="The run directory's name.")
+    source: str | None = None
+    kind: str | None = None
+    image_mode: str | None = None
+    model: str | None = None
+    encoder: str | None = None
+    seed: int | None = None
+    n_adds: int | None = None
+    n_revisions: int | None = None
+    n_deletions: int | None = None
+    methods: list[str]
+    protocols: list[str]
+
+
+class AuditSummary(_Out):
+    """One method under one protocol: results.json's ScopeEdit shares and the rows' label counts."""
+
+    method: str
+    protocol: str
+    n_edits: int = Field(description="Edits scored (rows).")
+    n_successful: int | None = Field(None, description="Edits whose reliability probe is answered exactly.")
+    shares: dict[str, float | None] = Field(description="results.json's audit: correct, under, over, fail "
+                                                        "among the successful edits.")
+    counts: dict[str, int] = Field(description="Rows per label (unreliable: outside the shares).")
+
+
+class AuditProbe(_Out):
+    """One probe of an audited edit, as its method saw it (``residue``: the deletion audit's)."""
+
+    probe: int
+    kind: str | None = None
+    question: str | None = None
+    image: str | None = Field(None, description="sha256 of its thumbnail (GET /audit/images/{sha}).")
+    target: str | None = None
+    generated: str | None = Field(None, description="The greedy answer.")
+    exact_match: bool | None = None
+    fired: int | None = Field(None, description="The edit injected (null: none).")
+    owner_fired: bool | None = None
+    changed: bool | None = Field(None, description="Locality probes: moved vs the pre-edit model.")
+    fidelity: bool | None = None
+    score: float | None = Field(None, description="ours: cosine of its best-margin candidate.")
+    threshold: float | None = None
+    margin: float | None = None
+    residue: dict[str, bool] | None = Field(None, description="Deleted edits: differs from the pre-edit "
+                                                               "model (text, tokens, top10, bits).")
+
+
+class _AuditCase(_Out):
+    case: int
+    uid: str | None = None
+    edit_id: int | None = None
+    question: str | None = None
+    answer: str | None = None
+    image: str | None = None
+    deleted: bool = False
+
+
+class AuditEditRow(_AuditCase):
+    """One edit's ScopeEdit label under a method and protocol, with its probes."""
+
+    label: str = Field(description="correct, under, over, fail (edits answering their own input), or "
+                                   "unreliable.")
+    reliable: bool
+    generalizes: bool
+    leaks: bool
+    probes: list[AuditProbe]
+
+
+class AuditDeletionRow(_AuditCase):
+    """A deleted edit's generalization probes right after the delete and at the end."""
+
+    right_after: list[AuditProbe]
+    final: list[AuditProbe]
+
+
+class AuditReply(_Out):
+    """``GET /audit``: the run, its summary, one method and protocol's rows and the method's deletions;
+    ``run`` null (and the rest empty) when the server has no eval run (started without ``--eval``)."""
+
+    run: AuditRun | None
+    method: str | None = None
+    protocol: str | None = None
+    labels: list[str]
+    summary: list[AuditSummary] = Field(default_factory=list)
+    rows: list[AuditEditRow] = Field(default_factory=list)
+    deletion: dict[str, Any] | None = Field(None, description="results.json's deletion audit of the method.")
+    deletions: list[AuditDeletionRow] = Field(default_factory=list)
+
+
+class AuditHealth(_Out):
+    """``/health`` of an audit-only server (``esg-memory ui --eval DIR`` without a memory)."""
+
+    status: str
+    read_only: bool = True
+    audit_only: bool = True
+    run: str = Field(description="The run directory's name.")

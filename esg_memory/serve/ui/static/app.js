@@ -14,6 +14,8 @@
     images: new Map(), // "id:sha" -> object URL
     probe: null, // the last probe: {prompt, image (data URI) | null, routed}
     probes: [], // recent probes for the scope map
+    auditOnly: false, // an audit-only server (esg-memory ui --eval DIR, no memory)
+    audit: null, // {reply, method, protocol, local: null | {results, lines, files}} (the Audit view)
   };
   const $ = (id) => document.getElementById(id);
 
@@ -109,7 +111,7 @@
       if (v) sessionStorage.setItem(TOKEN_KEY, v); else sessionStorage.removeItem(TOKEN_KEY);
       $("token").value = "";
       setMode();
-      loadEdits();
+      if (state.auditOnly) loadAudit(); else loadEdits();
     });
     $("token-clear").addEventListener("click", () => {
       state.token = null;
@@ -124,22 +126,34 @@
     $("wrong").addEventListener("click", openFeedback);
     $("feedback-send").addEventListener("click", sendFeedback);
     $("map-refresh").addEventListener("click", drawMap);
+    $("audit-method").addEventListener("change", () => loadAudit($("audit-method").value, $("audit-protocol").value));
+    $("audit-protocol").addEventListener("change", () => loadAudit($("audit-method").value, $("audit-protocol").value));
+    $("audit-label").addEventListener("change", renderAuditRows);
+    $("audit-dir").addEventListener("change", openLocalRun);
     try {
       const h = await api("/health");
       state.readOnly = !!h.read_only;
+      state.auditOnly = !!h.audit_only;
     } catch (e) { failed(e); }
     setMode();
+    if (state.auditOnly) {
+      for (const v of ["edits", "probe", "map"]) $("tab-" + v).hidden = true;
+      show("audit");
+      return;
+    }
     show("edits");
     await loadEdits();
   }
 
   function show(view) {
-    for (const v of ["edits", "probe", "map"]) {
+    for (const v of VIEWS) {
       $("view-" + v).hidden = v !== view;
       $("tab-" + v).classList.toggle("active", v === view);
     }
     if (view === "map") drawMap();
+    if (view === "audit" && !state.audit) loadAudit();
   }
+  const VIEWS = ["edits", "probe", "map", "audit"];
 
   // ------------------------------------------------------------------ edits
   function stateOf(e) {
@@ -483,6 +497,251 @@
       $("map-info").textContent = `${pts.length} keys of ${seen.size} edits, ${(m.probes || []).length} probes; ` +
         `PCA explains ${(100 * ev[0]).toFixed(1)}% + ${(100 * ev[1]).toFixed(1)}% of the key variance`;
     } catch (e) { failed(e); }
+  }
+
+  // ------------------------------------------------------------------ audit (an eval run)
+  // The run comes from the server (GET /audit, esg-memory ui --eval DIR) or from a results directory
+  // opened here (results.json + audit.jsonl + probe_images/, read in the browser; nothing is uploaded).
+  // Both give the same reply: the summary per method and protocol, one method and protocol's edits with
+  // their probes, and the method's deletion audit.
+  const SHARES = ["correct", "under", "over", "fail"];
+  const LABELS = [...SHARES, "unreliable"];
+
+  async function loadAudit(method, protocol) {
+    try {
+      const local = state.audit && state.audit.local;
+      let reply;
+      if (local) reply = localReply(local, method, protocol);
+      else {
+        const q = new URLSearchParams();
+        if (method) q.set("method", method);
+        if (protocol) q.set("protocol", protocol);
+        reply = await api("/audit" + (q.toString() ? "?" + q : ""));
+      }
+      state.audit = { reply, local };
+      renderAudit();
+    } catch (e) { failed(e); }
+  }
+
+  async function auditImage(sha) {
+    if (!sha) return null;
+    const local = state.audit && state.audit.local;
+    const key = (local ? "local:" : "audit:") + sha;
+    if (!state.images.has(key)) {
+      if (local) {
+        const f = local.files.get(sha);
+        if (!f) return null;
+        state.images.set(key, URL.createObjectURL(f));
+      } else {
+        state.images.set(key, URL.createObjectURL(await api(`/audit/images/${sha}`)));
+      }
+    }
+    return state.images.get(key);
+  }
+
+  function thumb(sha, cls) {
+    const img = el("img", { cls: cls || "mini" });
+    img.alt = "";
+    if (sha) {
+      img.dataset.sha = sha;
+      auditImage(sha).then((u) => { if (u) img.src = u; }).catch(() => { img.alt = "image unavailable"; });
+    }
+    return img;
+  }
+
+  function options(sel, values, current) {
+    clear(sel);
+    for (const v of values) {
+      const o = el("option", { text: v });
+      o.value = v;
+      sel.append(o);
+    }
+    if (current) sel.value = current;
+  }
+
+  function renderAudit() {
+    const r = state.audit.reply;
+    const info = $("audit-run");
+    if (!r.run) {
+      info.textContent = "This server has no eval run: start it with `esg-memory ui --eval DIR`, or open a " +
+        "results directory (esg-memory eval --out DIR) above.";
+      for (const id of ["audit-summary", "audit-table", "deletion-table"]) clear($(id).tBodies[0]);
+      return;
+    }
+    const run = r.run;
+    info.textContent = `${run.name}: ${run.source || run.kind || "?"} (${run.image_mode || "?"}), model ` +
+      `${run.model || "?"}, seed ${run.seed}; ${run.n_adds} edits, ${run.n_revisions} revisions, ` +
+      `${run.n_deletions} deletions` + (state.audit.local ? " · opened from this computer" : "");
+    options($("audit-method"), run.methods, r.method);
+    options($("audit-protocol"), run.protocols, r.protocol);
+    const sb = clear($("audit-summary").tBodies[0]);
+    for (const s of r.summary) {
+      const tr = el("tr", { cls: "clickable" + (s.method === r.method && s.protocol === r.protocol ? " current" : "") });
+      tr.dataset.method = s.method;
+      tr.dataset.protocol = s.protocol;
+      const share = (k) => `${s.counts[k]}` + (s.shares[k] === null || s.shares[k] === undefined ? "" : ` (${num(s.shares[k], 2)})`);
+      tr.append(el("td", { text: s.method }), el("td", { text: s.protocol }), el("td", { text: s.n_edits }),
+        el("td", { text: s.n_successful === null || s.n_successful === undefined ? "–" : s.n_successful }),
+        ...SHARES.map((k) => el("td", { cls: "share-" + k, text: share(k) })),
+        el("td", { text: s.counts.unreliable }));
+      tr.addEventListener("click", () => loadAudit(s.method, s.protocol));
+      sb.append(tr);
+    }
+    renderAuditRows();
+    renderDeletions();
+  }
+
+  function labelBadge(label) { return el("span", { cls: "label " + label, text: label }); }
+  // yes / no, green when it is the good outcome (``good``: true, false, or null for neither)
+  function flag(v, good = true) {
+    if (v === null || v === undefined) return "–";
+    return el("span", { cls: good === null ? "" : v === good ? "yes" : "no", text: v ? "yes" : "no" });
+  }
+  function firedText(f) { return f === null || f === undefined ? "none" : `edit ${f}`; }
+
+  function renderAuditRows() {
+    const r = state.audit && state.audit.reply;
+    const body = clear($("audit-table").tBodies[0]);
+    if (!r || !r.run) return;
+    const want = $("audit-label").value;
+    let shown = 0;
+    for (const row of r.rows) {
+      if (want && row.label !== want) continue;
+      shown += 1;
+      const tr = el("tr", { cls: "clickable audit-row" });
+      tr.dataset.case = String(row.case);
+      tr.dataset.label = row.label;
+      const edit = `${row.edit_id === null || row.edit_id === undefined ? "–" : row.edit_id}` + (row.deleted ? " (deleted)" : "");
+      const exact = row.probes.filter((p) => p.exact_match).length;
+      tr.append(el("td", {}, thumb(row.image, "thumb")), el("td", { text: edit, title: row.uid }),
+        el("td", { cls: "q", text: row.question }), el("td", { cls: "a", text: row.answer }),
+        el("td", {}, labelBadge(row.label)), el("td", { text: `${exact}/${row.probes.length} answers ok` }));
+      const sub = el("tr", { cls: "audit-probes" });
+      sub.hidden = true;
+      sub.dataset.case = String(row.case);
+      const td = el("td");
+      td.colSpan = 6;
+      sub.append(td);
+      tr.addEventListener("click", () => {
+        sub.hidden = !sub.hidden;
+        if (!sub.hidden && !td.firstChild) td.append(probeTable(row.probes));
+      });
+      body.append(tr, sub);
+    }
+    $("audit-count").textContent = `${shown} of ${r.rows.length} edits (${r.method}, ${r.protocol})`;
+  }
+
+  function probeTable(probes) {
+    return table([["", (p) => thumb(p.image)], ["kind", (p) => p.kind], ["question", (p) => p.question],
+      ["target", (p) => p.target], ["generated", (p) => p.generated],
+      ["answer ok", (p) => flag(p.exact_match)], ["fired", (p) => firedText(p.fired)],
+      ["own edit", (p) => flag(p.owner_fired, null)], ["changed", (p) => flag(p.changed, false)],
+      ["score", (p) => num(p.score)], ["threshold", (p) => num(p.threshold)], ["margin", (p) => signed(p.margin)]],
+    probes);
+  }
+
+  function residueText(p) {
+    if (!p) return "–";
+    if (!p.residue) return "–";
+    const diff = ["text", "tokens", "top10", "bits"].filter((k) => p.residue[k]);
+    return el("span", { cls: diff.length ? "no" : "yes", text: diff.length ? diff.join(", ") : "none" });
+  }
+
+  function renderDeletions() {
+    const r = state.audit.reply;
+    const body = clear($("deletion-table").tBodies[0]);
+    const d = r.deletion;
+    $("deletion-info").textContent = d ? `${d.n_deleted} deleted edits (${r.method}); residue shares right ` +
+      `after: text ${num(d.right_after.text, 2)}, bits ${num(d.right_after.bits, 2)}; at end: text ` +
+      `${num(d.final.text, 2)}, bits ${num(d.final.bits, 2)}` : "";
+    for (const row of r.deletions) {
+      const fin = new Map(row.final.map((p) => [p.probe, p]));
+      for (const p of row.right_after) {
+        const q = fin.get(p.probe);
+        const tr = el("tr", { cls: "deletion-row" });
+        tr.dataset.case = String(row.case);
+        tr.append(el("td", {}, thumb(p.image)), el("td", { text: row.edit_id, title: row.uid }),
+          el("td", { text: p.kind }), el("td", { text: p.question }), el("td", { text: p.target }),
+          el("td", { text: p.generated }), el("td", {}, residueText(p)), el("td", { text: firedText(p.fired) }),
+          el("td", { text: q ? q.generated : "–" }), el("td", {}, residueText(q)),
+          el("td", { text: q ? firedText(q.fired) : "–" }));
+        body.append(tr);
+      }
+    }
+  }
+
+  // a results directory opened in the browser: the same reply as GET /audit, computed here
+  async function openLocalRun() {
+    try {
+      const files = [...$("audit-dir").files];
+      const depth = (f) => (f.webkitRelativePath || f.name).split("/").length;
+      const pick = (name) => files.filter((f) => f.name === name).sort((a, b) => depth(a) - depth(b))[0];
+      const res = pick("results.json"), aud = pick("audit.jsonl");
+      if (!res || !aud) { status("that directory holds no results.json and audit.jsonl (esg-memory eval --out DIR)", true); return; }
+      const results = JSON.parse(await res.text());
+      const lines = (await aud.text()).split("\n").filter((t) => t.trim()).map((t) => JSON.parse(t));
+      const header = lines.find((x) => x.type === "header");
+      if (!header || header.format !== "esg-memory-eval-audit") { status("audit.jsonl is not an esg-memory audit file", true); return; }
+      const imgs = new Map();
+      for (const f of files) {
+        const m = /^([0-9a-f]{64})\.png$/.exec(f.name);
+        if (m && (f.webkitRelativePath || "").includes("probe_images/")) imgs.set(m[1], f);
+      }
+      const base = (res.webkitRelativePath || "").split("/");
+      const name = base.length > 1 ? base[base.length - 2] : "results";
+      state.audit = { reply: null, local: { results, lines, header, files: imgs, name } };
+      status("");
+      await loadAudit();
+    } catch (e) { failed(e); }
+  }
+
+  function localReply(local, method, protocol) {
+    const { results, lines, header } = local;
+    const methods = header.methods, protocols = header.protocols;
+    method = method && methods.includes(method) ? method : (methods.includes("ours") ? "ours" : methods[0]);
+    protocol = protocol && protocols.includes(protocol) ? protocol : (protocols.includes("retention") ? "retention" : protocols[0]);
+    const cases = new Map(), probes = new Map();
+    for (const x of lines) {
+      if (x.type !== "case") continue;
+      cases.set(x.case, x);
+      for (const p of x.probes) probes.set(p.probe, p);
+    }
+    const full = (p) => { const s = probes.get(p.probe) || {}; return { kind: s.kind, question: s.question, image: s.image, ...p }; };
+    const caseOf = (c) => { const k = cases.get(c) || {}; return { case: c, uid: k.uid, edit_id: k.edit_id, question: k.question, answer: k.answer, image: k.image, deleted: !!k.deleted }; };
+    const edits = lines.filter((x) => x.type === "edit");
+    const summary = [];
+    for (const m of methods) {
+      for (const p of protocols) {
+        const agg = ((results.methods || {})[m] || {})[p];
+        const rows = edits.filter((x) => x.method === m && x.protocol === p);
+        if (!agg && !rows.length) continue;
+        const a = (agg || {}).audit || {};
+        const counts = Object.fromEntries(LABELS.map((k) => [k, rows.filter((x) => x.label === k).length]));
+        summary.push({ method: m, protocol: p, n_edits: rows.length, n_successful: a.n_successful,
+          shares: Object.fromEntries(SHARES.map((k) => [k, a[k] === undefined ? null : a[k]])), counts });
+      }
+    }
+    const rows = edits.filter((x) => x.method === method && x.protocol === protocol).map((x) => {
+      const ps = x.probes.map(full);
+      const rel = ps.find((p) => p.kind === "reliability");
+      const row = caseOf(x.case);
+      if (rel && rel.target !== null && rel.target !== undefined) row.answer = rel.target;
+      return { ...row, label: x.label, reliable: x.reliable, generalizes: x.generalizes, leaks: x.leaks, probes: ps };
+    });
+    const stages = new Map();
+    for (const x of lines) {
+      if (x.type !== "deletion" || x.method !== method) continue;
+      if (!stages.has(x.case)) stages.set(x.case, {});
+      stages.get(x.case)[x.stage] = x.probes.map(full);
+    }
+    const deletions = [...stages.keys()].sort((a, b) => a - b).map((c) => ({ ...caseOf(c),
+      right_after: stages.get(c).right_after || [], final: stages.get(c).final || [] }));
+    const d = results.data || {}, s = results.stream || {}, mo = results.model || {};
+    const run = { name: local.name, source: d.source, kind: d.kind, image_mode: d.image_mode, model: mo.spec,
+      encoder: mo.encoder, seed: results.seed, n_adds: s.n_adds, n_revisions: s.n_revisions,
+      n_deletions: s.n_deletions, methods, protocols };
+    return { run, method, protocol, labels: LABELS, summary, rows,
+      deletion: ((results.methods || {})[method] || {}).deletion || null, deletions };
   }
 
   document.addEventListener("DOMContentLoaded", start);
