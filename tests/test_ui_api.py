@@ -297,6 +297,21 @@ def test_ui_command_refuses_a_missing_memory(tmp_path):
         run_ui_from_args(argparse.Namespace(memory=str(tmp_path / "none"), port=0, log_level="warning"))
 
 
+def _printed_url(proc: subprocess.Popen) -> tuple[str, re.Match]:
+    """The line `esg-memory ui` prints once it serves, and its URL match (fails with its stderr if none)."""
+    deadline = time.monotonic() + 120
+    line = ""
+    while time.monotonic() < deadline and "/ui" not in line:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+        if proc.poll() is not None:
+            break
+    m = re.search(r"(http://127\.0\.0\.1:\d+)/ui", line)
+    assert m, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+    return line, m
+
+
 def test_ui_command_serves_the_page_read_only_and_prints_its_url(serve_base, tmp_path):
     model = wrap(serve_base)
     eid = model.add_edit(PURPLE, Q, "purple", tune="never")
@@ -307,16 +322,7 @@ def test_ui_command_serves_the_page_read_only_and_prints_its_url(serve_base, tmp
                              "--model", "tiny-random-llava", "--clip", "esg-tiny-clip", "ui", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while time.monotonic() < deadline and "/ui" not in line:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                line = proc.stdout.readline()
-            if proc.poll() is not None:
-                break
-        m = re.search(r"(http://127\.0\.0\.1:\d+)/ui", line)
-        assert m, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        line, m = _printed_url(proc)
         url = m.group(1)
         assert "read-only" in line and "1 edits" in line
         with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
@@ -519,16 +525,7 @@ def test_ui_command_serves_an_eval_runs_audit_without_a_model(eval_run):
     argv = [sys.executable, "-m", "esg_memory.cli", "ui", "--eval", str(eval_run), "--port", "0"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while time.monotonic() < deadline and "/ui" not in line:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                line = proc.stdout.readline()
-            if proc.poll() is not None:
-                break
-        m = re.search(r"(http://127\.0\.0\.1:\d+)/ui", line)
-        assert m, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        line, m = _printed_url(proc)
         assert f"the audit of {eval_run.name}" in line and "read-only" in line
         with httpx.Client(base_url=m.group(1), timeout=TIMEOUT) as c:
             assert c.get("/ui").headers["content-security-policy"] == UI_CSP
