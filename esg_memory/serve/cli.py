@@ -39,11 +39,12 @@ def open_model(model_spec: str, clip_spec: str, memory_dir: Path, **placement: A
     return EditedModel.wrap(base, processor, memory=memory, encoder=encoder)
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``serve`` options. ``--memory/--model/--clip`` default to SUPPRESS so a parent
-    parser's values are not overwritten when this is a subcommand."""
+def add_model_arguments(parser: argparse.ArgumentParser, memory_help: str) -> None:
+    """The memory and model options ``serve`` and ``ui`` share. They default to SUPPRESS, and those the
+    parser already has (a parent's global options) are left alone, so a parent's values are not
+    overwritten when this is a subcommand."""
     have = set(getattr(parser, "_option_string_actions", {}))
-    for flag, text in (("--memory", "memory directory (created if missing)"),
+    for flag, text in (("--memory", memory_help),
                        ("--model", "model spec (registered name, local dir or HF id)"),
                        ("--clip", "key-encoder spec"),
                        ("--device", "base model device, e.g. cuda, cuda:1 (default: where it loads)"),
@@ -52,6 +53,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                         "a JSON object); needs esg-memory[accelerate]; excludes --device")):
         if flag not in have:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
+
+
+def model_from_args(args: argparse.Namespace, memory_dir: Path) -> Any:
+    """`open_model` with the options `add_model_arguments` declares (placement checked before loading)."""
+    from ..loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
+
+    placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
+                                getattr(args, "device_map", None))
+    return open_model(getattr(args, "model", None) or DEFAULT_MODEL,
+                      getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, **placement)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``serve`` options (`add_model_arguments`'s, then the server's own)."""
+    add_model_arguments(parser, "memory directory (created if missing)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--token-file", help=f"file holding the bearer token (else ${TOKEN_ENV})")
@@ -74,8 +90,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Start the service from parsed arguments (blocks until stopped); returns an exit code."""
-    from ..loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
-
     memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
     if not memory:
         raise ConfigError("serve needs --memory DIR (or $ESG_MEMORY_DIR)")
@@ -87,11 +101,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                           "--token-file, or pass --insecure-local (binds 127.0.0.1 only) or --read-only")
     host = bind_host(args.host, args.insecure_local, token)
     reads_protected(host, args.protect_reads, token)
-    placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
-                                getattr(args, "device_map", None))
-    check_memory_dir(memory_dir)
-    model = open_model(getattr(args, "model", None) or DEFAULT_MODEL, getattr(args, "clip", None)
-                        or DEFAULT_ENCODER, memory_dir, **placement)
+    model = model_from_args(args, memory_dir)  # placement, then the directory, checked before loading
     config = ServiceConfig(max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
     serve(model, memory_dir, host=host, port=args.port, log_level=args.log_level, token=token,
           allowed_root=args.allowed_root, max_upload_bytes=int(args.max_upload_mb * 2**20),

@@ -27,15 +27,9 @@ HOST = "127.0.0.1"
 def add_ui_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``ui`` options (``--memory/--model/--clip/--device/--dtype/--device-map`` come from the
     parent parser when it has them, as for ``serve``)."""
-    have = set(getattr(parser, "_option_string_actions", {}))
-    for flag, text in (("--memory", "memory directory (must exist)"),
-                       ("--model", "model spec (registered name, local dir or HF id)"),
-                       ("--clip", "key-encoder spec"),
-                       ("--device", "base model device"),
-                       ("--dtype", "base model dtype: float32, float16 or bfloat16"),
-                       ("--device-map", "transformers device_map; needs esg-memory[accelerate]")):
-        if flag not in have:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
+    from ..cli import add_model_arguments
+
+    add_model_arguments(parser, "memory directory (must exist)")
     parser.add_argument("--eval", dest="eval_dir", metavar="RUN", default=None,
                         help="an `esg-memory eval --out` directory: its audit in the Audit view (alone: "
                              "only the audit, no model loaded)")
@@ -48,9 +42,8 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def run_ui_from_args(args: argparse.Namespace) -> int:
     """Serve the debugger over ``args.memory`` (and/or the audit of ``args.eval_dir``) read-only on
     127.0.0.1 until interrupted; returns 0."""
-    from ...loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
     from ..app import create_app
-    from ..cli import open_model
+    from ..cli import model_from_args
     from ..server import running_server
 
     memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
@@ -73,10 +66,7 @@ def run_ui_from_args(args: argparse.Namespace) -> int:
             from .audit import EvalAudit
 
             EvalAudit(eval_dir)  # a bad run directory is refused before the model loads
-        placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
-                                    getattr(args, "device_map", None))
-        model = open_model(getattr(args, "model", None) or DEFAULT_MODEL,
-                           getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, **placement)
+        model = model_from_args(args, memory_dir)
         app = create_app(model, memory_dir, read_only=True, host=HOST, eval_dir=eval_dir)
         what = f"{len(model.memory)} edits"
         if eval_dir:
