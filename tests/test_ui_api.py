@@ -6,6 +6,7 @@ random tiny LLaVA and the tiny offline CLIP."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import fastapi  # noqa: F401  (an [all] extra: missing means failing, never skipping)
 import httpx
@@ -297,40 +299,26 @@ def test_ui_command_refuses_a_missing_memory(tmp_path):
         run_ui_from_args(argparse.Namespace(memory=str(tmp_path / "none"), port=0, log_level="warning"))
 
 
-def _printed_url(proc: subprocess.Popen) -> tuple[str, re.Match]:
-    """The line `esg-memory ui` prints once it serves, and its URL match (fails with its stderr if none)."""
-    deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline and "/ui" not in line:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-        if proc.poll() is not None:
-            break
-    m = re.search(r"(http://127\.0\.0\.1:\d+)/ui", line)
-    assert m, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
-    return line, m
-
-
-def test_ui_command_serves_the_page_read_only_and_prints_its_url(serve_base, tmp_path):
-    model = wrap(serve_base)
-    eid = model.add_edit(PURPLE, Q, "purple", tune="never")
-    model.save(tmp_path / "m")
+@contextlib.contextmanager
+def _ui_command(*args: str, unset: str) -> Iterator[tuple[str, str]]:
+    """``esg-memory ARGS`` in a subprocess: (the line it prints once it serves, its URL); stopped with
+    SIGINT at the end, which must exit 0. ``unset``: an environment variable it must not see."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ESG_MEMORY_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, "-m", "esg_memory.cli", "--memory", str(tmp_path / "m"),
-                             "--model", "tiny-random-llava", "--clip", "esg-tiny-clip", "ui", "--port", "0"],
+    env.pop(unset, None)
+    proc = subprocess.Popen([sys.executable, "-m", "esg_memory.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line, m = _printed_url(proc)
-        url = m.group(1)
-        assert "read-only" in line and "1 edits" in line
-        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
-            assert c.get("/ui").headers["content-security-policy"] == UI_CSP
-            assert c.get("/health").json()["read_only"] is True
-            assert c.get(f"/edits/{eid}/image").content == PURPLE
-            r = c.post("/edits", json={"question": Q, "answer": "x"})
-            assert r.status_code == 403 and r.json()["error"] == "ReadOnlyError"
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and "/ui" not in line:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                line = proc.stdout.readline()
+            if proc.poll() is not None:
+                break
+        m = re.search(r"(http://127\.0\.0\.1:\d+)/ui", line)
+        assert m, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield line, m.group(1)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -338,6 +326,21 @@ def test_ui_command_serves_the_page_read_only_and_prints_its_url(serve_base, tmp
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_ui_command_serves_the_page_read_only_and_prints_its_url(serve_base, tmp_path):
+    model = wrap(serve_base)
+    eid = model.add_edit(PURPLE, Q, "purple", tune="never")
+    model.save(tmp_path / "m")
+    with _ui_command("--memory", str(tmp_path / "m"), "--model", "tiny-random-llava", "--clip",
+                     "esg-tiny-clip", "ui", "--port", "0", unset="ESG_MEMORY_TOKEN") as (line, url):
+        assert "read-only" in line and "1 edits" in line
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+            assert c.get("/ui").headers["content-security-policy"] == UI_CSP
+            assert c.get("/health").json()["read_only"] is True
+            assert c.get(f"/edits/{eid}/image").content == PURPLE
+            r = c.post("/edits", json={"question": Q, "answer": "x"})
+            assert r.status_code == 403 and r.json()["error"] == "ReadOnlyError"
 
 
 # ------------------------------------------------------------------------------------------ audit (eval run)
@@ -520,22 +523,10 @@ def test_a_directory_without_an_audit_is_refused_before_anything_is_served(serve
 
 
 def test_ui_command_serves_an_eval_runs_audit_without_a_model(eval_run):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ESG_MEMORY_DIR", None)
-    argv = [sys.executable, "-m", "esg_memory.cli", "ui", "--eval", str(eval_run), "--port", "0"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line, m = _printed_url(proc)
+    with _ui_command("ui", "--eval", str(eval_run), "--port", "0", unset="ESG_MEMORY_DIR") as (line, url):
         assert f"the audit of {eval_run.name}" in line and "read-only" in line
-        with httpx.Client(base_url=m.group(1), timeout=TIMEOUT) as c:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
             assert c.get("/ui").headers["content-security-policy"] == UI_CSP
             assert c.get("/health").json()["audit_only"] is True
             assert c.get("/audit").json()["run"]["name"] == eval_run.name
             assert c.get("/edits").status_code == 404  # no memory here
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
