@@ -45,7 +45,12 @@ class UnknownEditError(EsgMemoryError, KeyError):
 
 
 class DuplicateEditError(EsgMemoryError, ValueError):
-    """An id that already exists (or existed: ids are never reused) was given again."""
+    """An id that already exists (or existed: ids are never reused) was given again; ``edit_id`` names it
+    when the memory knows which."""
+
+    def __init__(self, message: str, edit_id: int | None = None):
+        super().__init__(message)
+        self.edit_id = edit_id
 
 
 class VersionError(EsgMemoryError, ValueError):

@@ -15,7 +15,6 @@ wrapping the memory later compiles them (`EditedModel.wrap`).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +25,6 @@ from .formats import BulkRecordError, EditRecord
 __all__ = ["BatchResult", "apply_batch"]
 
 logger = logging.getLogger("esg_memory.bulk")
-
-_ID_IN_MESSAGE = re.compile(r"edit id (\d+)")
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ def apply_batch(target: Any, records: Sequence[EditRecord], *, progress: bool = 
     memory = target.memory if model is not None else target
     for r in records:
         if r.edit_id is not None and r.edit_id in memory:
-            raise DuplicateEditError(f"{r.where}: edit id {r.edit_id} already exists")
+            raise DuplicateEditError(f"{r.where}: edit id {r.edit_id} already exists", edit_id=r.edit_id)
     attachments = None
     if model is not None:
         from ..model import ADAPTER_KIND
@@ -96,9 +93,8 @@ def apply_batch(target: Any, records: Sequence[EditRecord], *, progress: bool = 
             progress=None if bar is None else (lambda: bar.update(1)),
         )
     except DuplicateEditError as e:  # e.g. the id of a deleted edit (ids are never reused)
-        m = _ID_IN_MESSAGE.search(str(e))
-        where = next((r.where for r in records if m and r.edit_id == int(m.group(1))), None)
-        raise DuplicateEditError(f"{where}: {e}" if where else str(e)) from None
+        where = next((r.where for r in records if e.edit_id is not None and r.edit_id == e.edit_id), None)
+        raise DuplicateEditError(f"{where}: {e}" if where else str(e), edit_id=e.edit_id) from None
     finally:
         if bar is not None:
             bar.close()

@@ -113,9 +113,11 @@ def new_id(edit_id: Any, taken: set[int], stored: Committed, start: int | None =
     if not 0 <= eid <= MAX_ID:
         raise InvalidInputError(f"edit_id must be in [0, {MAX_ID}], got {eid}")
     if eid in stored.edits or eid in taken:
-        raise DuplicateEditError(f"edit id {eid} already exists")
+        raise DuplicateEditError(f"edit id {eid} already exists", edit_id=eid)
     if eid in stored.retired:
-        raise DuplicateEditError(f"edit id {eid} belonged to a deleted edit; ids are never reused")
+        raise DuplicateEditError(
+            f"edit id {eid} belonged to a deleted edit; ids are never reused", edit_id=eid
+        )
     return eid
 
 
