@@ -14,6 +14,7 @@ __all__ = [
     "LOC_KINDS",
     "aggregate",
     "deletion_audit",
+    "edit_outcome",
     "interaction_audit",
     "probe_record",
 ]
@@ -67,6 +68,19 @@ def probe_record(
     return rec
 
 
+def edit_outcome(recs: Sequence[Mapping[str, Any]]) -> tuple[bool, bool, bool] | None:
+    """One edit's ``(reliable, generalizes, leaks)`` from its probe records, as `scope_audit` counts them
+    (None without a reliability probe)."""
+    rel = [r["em"] for r in recs if r["kind"] == "reliability"]
+    if not rel:
+        return None
+    return (
+        bool(all(rel)),
+        bool(all(r["em"] for r in recs if r["kind"] in EDIT_GEN_KINDS[1:])),
+        bool(any(r["changed"] for r in recs if r["kind"] in LOC_KINDS)),
+    )
+
+
 def _per_case(records: Sequence[Mapping[str, Any]]) -> dict[int, list[Mapping[str, Any]]]:
     by: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
@@ -89,14 +103,8 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["hard_loc"] = mean_or_none([r["loc"] for r in hard])
     loc = [r for k in LOC_KINDS for r in of[k]]
     out["loc_unchanged"] = mean_or_none([r["em"] for r in loc])
-    reliable, general, leaks = [], [], []
-    for recs in _per_case(records).values():
-        rel = [r["em"] for r in recs if r["kind"] == "reliability"]
-        if not rel:
-            continue
-        reliable.append(all(rel))
-        general.append(all(r["em"] for r in recs if r["kind"] in EDIT_GEN_KINDS[1:]))
-        leaks.append(any(r["changed"] for r in recs if r["kind"] in LOC_KINDS))
+    outcomes = [o for o in map(edit_outcome, _per_case(records).values()) if o is not None]
+    reliable, general, leaks = ([o[i] for o in outcomes] for i in range(3))
     out["audit"] = scope_audit(reliable, general, leaks)
     gen = [r for k in EDIT_GEN_KINDS for r in of[k]]
     out["routing"] = {

@@ -43,7 +43,7 @@ from typing import Any
 from index import atomic_write_bytes
 
 from ..errors import EsgMemoryError
-from .aggregate import EDIT_GEN_KINDS, LOC_KINDS
+from .aggregate import edit_outcome
 
 __all__ = [
     "AUDIT_FILE",
@@ -87,13 +87,12 @@ class AuditInput:
 
 def edit_label(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """One edit's audit from its probe records (None without a reliability probe): ``reliable``,
-    ``generalizes``, ``leaks`` and the ``label`` — the rule of `aggregate`'s audit, per edit."""
-    rel = [bool(r["em"]) for r in records if r["kind"] == "reliability"]
-    if not rel:
+    ``generalizes``, ``leaks`` (`aggregate.edit_outcome`, the audit's own rule) and the ``label`` they give,
+    as `scope_audit` counts it."""
+    outcome = edit_outcome(records)
+    if outcome is None:
         return None
-    reliable = all(rel)
-    general = all(bool(r["em"]) for r in records if r["kind"] in EDIT_GEN_KINDS[1:])
-    leaks = any(bool(r["changed"]) for r in records if r["kind"] in LOC_KINDS)
+    reliable, general, leaks = outcome
     if not reliable:
         label = "unreliable"
     elif general:
