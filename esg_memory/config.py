@@ -8,6 +8,7 @@ a config that could change under a running memory would change its routing silen
 =====================  =========================================================================
 `MemoryConfig`         how scopes are learned (saved with every memory; changing one changes routing)
 `JournalConfig`        when a durable memory compacts its journal into a new snapshot
+`StoreConfig`          how a replica follows a shared (PostgreSQL) memory: staleness bound, retries
 `AdapterConfig`        how prefix adapters are compiled, tuned and stored
 `EditedModelConfig`    wrapper behaviour (saved next to the memory by `EditedModel.save`)
 `ServiceConfig`        the limits and batching of ``esg-memory serve``
@@ -37,6 +38,7 @@ __all__ = [
     "ServiceConfig",
     "SettleMode",
     "StorageDtype",
+    "StoreConfig",
     "TuneMode",
     "TunedKind",
     "check_model_dtype",
@@ -262,6 +264,34 @@ class JournalConfig:
         cb = self.compact_bytes
         if isinstance(cb, bool) or not isinstance(cb, int) or cb < 0:
             raise ConfigError("compact_bytes must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a replica follows a memory shared through PostgreSQL (`esg_memory.replicas`)."""
+
+    staleness_bound_s: float = 2.0
+    """A replica that cannot vouch for having applied every acknowledged write older than this many
+    seconds (it lags, or it cannot reach the store) reports unhealthy, so a load balancer drains it."""
+    poll_s: float = 0.5
+    """Longest wait for a notification before the replica checks the log anyway (and proves its
+    connection alive). Notifications wake it at once; this only bounds how stale a silent failure gets."""
+    max_replans: int = 64
+    """A write planned on a log position another replica moved past is re-planned after catching up;
+    after this many tries in a row it fails with `StaleStateError`."""
+    connect_timeout_s: float = 3.0
+    """Seconds to wait for a connection to the store before a write fails with `StoreUnavailableError`."""
+
+    def __post_init__(self) -> None:
+        for name in ("staleness_bound_s", "poll_s", "connect_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        n = self.max_replans
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError("max_replans must be an int >= 1")
+        if self.poll_s >= self.staleness_bound_s:
+            raise ConfigError("poll_s must be below staleness_bound_s (a quiet replica would count as stale)")
 
 
 @dataclass(frozen=True)

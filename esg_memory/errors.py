@@ -18,6 +18,8 @@ __all__ = [
     "InvalidInputError",
     "LockError",
     "ModelMismatchError",
+    "StaleStateError",
+    "StoreUnavailableError",
     "TuningError",
     "UnknownEditError",
     "UnsupportedModelError",
@@ -87,3 +89,11 @@ class TuningError(EsgMemoryError, RuntimeError):
 
 class InternalError(EsgMemoryError, RuntimeError):
     """The library's own state broke an invariant (`EditMemory.verify`): a bug to report, not bad input."""
+
+
+class StoreUnavailableError(EsgMemoryError, ConnectionError):
+    """The shared store (PostgreSQL) cannot be reached: the write was not applied (reads go on)."""
+
+
+class StaleStateError(EsgMemoryError, RuntimeError):
+    """Another replica kept moving the shared log past the state a write was planned on (retries used up)."""

@@ -33,3 +33,19 @@ def serve_base():
 
     model, processor = load_base_model("tiny-random-llava")
     return model, processor, load_encoder("esg-tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (`tests/_postgres.py`); fails in CI when absent."""
+    from _postgres import start_server
+
+    server = start_server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the session's server."""
+    return pg_server.database()

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # declared but never imported by name, each for a reason
 RUNTIME_ONLY = {
     "python-multipart": "FastAPI imports it to parse multipart forms",
+    "psycopg-binary": "psycopg loads it as its C implementation (with libpq bundled)",
     "ruff": "a command .ci/run runs, not a module",
 }
 

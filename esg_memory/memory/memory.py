@@ -95,9 +95,11 @@ class EditMemory:
         """
         if mode not in SETTLE_MODES:
             raise ConfigError(f"settle must be one of {', '.join(SETTLE_MODES)}, not {mode!r}")
-        with self._writer.wlock:
-            self._writer.settle_locked()
+
+        def switch() -> None:
             self._state.config = replace(self._state.config, settle=mode)
+
+        self._writer.when_settled(switch)
 
     # ------------------------------------------------------------------ snapshots
     @classmethod
@@ -149,9 +151,26 @@ class EditMemory:
         ``while_locked`` runs under the writer lock just before the copy (compaction starts its new
         journal segment there).
         """
+        if not settle:
+            return self._copy(index_dir, while_locked)
+        if self._state.pending and getattr(self._writer.log, "readonly", False):
+            # a read-only replica cannot log a settle: settle a copy in memory, as `load` does
+            return self._settled_copy().snapshot(index_dir=index_dir, while_locked=while_locked)
+        return self._writer.when_settled(lambda: self._copy(index_dir, while_locked))
+
+    def _settled_copy(self) -> EditMemory:
+        """A detached copy of this memory with its pending deletes settled (in memory, not journaled)."""
+        import tempfile
+
+        from index import ScopedIndex
+
+        with tempfile.TemporaryDirectory(prefix="esg-settle-") as tmp:
+            view = self._copy(Path(tmp) / "index", None)
+            view = replace(view, index=ScopedIndex.load(Path(tmp) / "index"))  # not the live index
+        return EditMemory.from_snapshot(view, settle=True)
+
+    def _copy(self, index_dir: Path | None, while_locked: Callable[[], None] | None) -> MemorySnapshot:
         with self._writer.wlock:
-            if settle:
-                self._writer.settle_locked()
             if while_locked is not None:
                 while_locked()
             with self._lock:
@@ -321,6 +340,8 @@ class EditMemory:
         return [self.get(i) for i in ids]
 
     def history(self, edit_id: int) -> list[EditVersion]:
+        if self._state.pending and getattr(self._writer.log, "readonly", False):
+            return self._settled_copy().history(edit_id)  # a read-only replica cannot log a settle
         self.settle()  # a holder's current version records its scope: show the settled one
         with self._lock:
             st = lookup(self._state.edits, edit_id)
@@ -458,7 +479,17 @@ class EditMemory:
         directory is converted. Unless ``readonly``, takes the directory's writer lock (`LockError`
         naming the holder's pid). ``journal``: a `esg_memory.config.JournalConfig` (compaction).
         See `esg_memory.persist.durable` for the layout and crash safety. `close` (or ``with``) releases it.
+
+        ``path`` may be a ``postgresql://`` URL: a memory shared by serving replicas (every write one
+        transaction of the store's log; other replicas' writes applied as they land; ``journal``: a
+        `esg_memory.config.StoreConfig`). See `esg_memory.replicas`.
         """
+        from ..replicas.store import is_store_url
+
+        if is_store_url(path):
+            from ..replicas import open_store
+
+            return open_store(cls, str(path), encoder, backend=backend, readonly=readonly, config=journal)
         from ..persist import durable
 
         return durable.open_durable(cls, Path(path), encoder, backend, readonly, journal)
@@ -508,7 +539,14 @@ class EditMemory:
     def durable_path(self) -> Path | None:
         """The directory this memory journals into, or None."""
         d = self._writer.log
-        return None if d is None or d.closed or d.readonly else d.path.resolve()
+        return None if d is None or d.closed or d.readonly or d.path is None else d.path.resolve()
+
+    def sync(self) -> int:
+        """Apply the writes other replicas appended to this memory's shared log; returns how many.
+
+        A replica's follower thread calls it on every notification; a no-op for other memories.
+        """
+        return self._writer.sync()
 
     def compact(self) -> int:
         """Write a new snapshot of a durable memory and truncate its journal; returns its lsn."""
@@ -522,9 +560,11 @@ class EditMemory:
         """Finish background compaction, snapshot (see `JournalConfig.compact_on_close`), release the lock."""
         d = self._writer.log
         if d is not None:
-            if not d.closed and not d.readonly:
-                self.settle()  # journaled now rather than redone by the next open
-            d.close(self)
+            try:
+                if not d.closed and not d.readonly:
+                    self.settle()  # journaled now rather than redone by the next open
+            finally:
+                d.close(self)  # the lock (or the store's connections) released even if that failed
 
     def __enter__(self) -> EditMemory:
         return self

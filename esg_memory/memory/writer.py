@@ -7,21 +7,28 @@ settles pending deletes, so it plans on the settled state. Planning happens on a
 the journal refuses, nothing was installed at all. A change journaled but not installed (the
 installation raised) is voided in the journal, so replay never resurrects a write the caller saw
 fail.
+
+On a shared store (`esg_memory.replicas`) the journal may refuse a write with `StaleStateError`:
+another replica appended at the position this one planned on. The write is then planned again on
+the caught-up state (`replanned`), so a plan — and its neighbours' re-fits — never rests on stale
+state; `sync` is that catch-up, also called by the replica's follower thread.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from index import UnitRows
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StaleStateError
 from ..types import EditVersion, FeedbackOutcome
 from ..validate import check_text
 from .committed import Committed
@@ -39,6 +46,23 @@ __all__ = ["Writer"]
 logger = logging.getLogger("esg_memory.memory")
 
 CommitHook = Callable[[dict[str, Any], Mapping[str, bytes]], None]
+
+
+def replanned(write: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a `Writer` write again on the caught-up state while a shared log refuses it as stale."""
+
+    @functools.wraps(write)
+    def run(self: Writer, *args: Any, **kwargs: Any) -> Any:
+        for attempt in itertools.count(1):
+            try:
+                return write(self, *args, **kwargs)
+            except StaleStateError:
+                if attempt >= getattr(self.log, "max_replans", 1):
+                    raise
+                self.sync()
+        raise AssertionError("unreachable")  # itertools.count never ends
+
+    return run
 
 
 class Writer:
@@ -63,7 +87,7 @@ class Writer:
         self.router = router
         self.owner = owner
         self.wlock = WriterMutex()  # serialises writers (planning + commit); reentrant
-        self.settler = Settler(self.wlock, self.settle_locked, lambda: bool(state.pending))
+        self.settler = Settler(self.wlock, self._settle_replanned, lambda: bool(state.pending))
         self.hook: CommitHook | None = None
         self.log: Any = None
         self.origin: tuple[str, str, int] | None = None
@@ -138,6 +162,17 @@ class Writer:
             raise InvalidInputError("attachments must be a callable (edit_id, question, answer) -> dict")
         if progress is not None and not callable(progress):
             raise InvalidInputError("progress must be a callable or None")
+        if isinstance(edits, Iterable) and not isinstance(edits, (str, bytes, Mapping, list, tuple)):
+            edits = list(edits)  # a generator must survive being planned twice (`replanned`)
+        return self._add_many(edits, attachments, progress)
+
+    @replanned
+    def _add_many(
+        self,
+        edits: Any,
+        attachments: Callable[[int, str, str], Mapping[str, bytes]] | None,
+        progress: Callable[[], None] | None,
+    ) -> list[int]:
         with self.wlock:
             self.settle_locked()
             blobs: dict[str, bytes] = {}
@@ -185,6 +220,7 @@ class Writer:
             shas[kind] = sha
         return replace(ne, attachments=shas)
 
+    @replanned
     def new_version(
         self, eid: Any, make: Callable[[EditState, dict[str, bytes]], tuple[EditVersion, int | None]]
     ) -> int:
@@ -202,6 +238,7 @@ class Writer:
             self.commit(NewVersion(st.id, v.to_dict(), attach_from), plan, blobs)
             return v.version
 
+    @replanned
     def delete(self, edit_id: Any) -> None:
         with self.wlock:
             st = lookup(self.state.edits, edit_id)
@@ -224,6 +261,7 @@ class Writer:
             self.commit(Delete(st.id), plan)
             logger.info("deleted edit %d; re-fitted neighbours %s", st.id, sorted(affected))
 
+    @replanned
     def feedback(self, image: Any, text: Any, expected_edit_id: Any) -> FeedbackOutcome:
         with self.wlock:
             self.settle_locked()
@@ -260,6 +298,7 @@ class Writer:
             logger.info("feedback: %s; re-fitted %s; resolved=%s", actions, refit, resolved)
             return FeedbackOutcome(routed_before, after, actions, refit, resolved)
 
+    @replanned
     def attach(self, edit_id: Any, kind: Any, data: Any, version: Any) -> None:
         with self.wlock:
             self.settle_locked()
@@ -270,7 +309,44 @@ class Writer:
                 attachment=data,
             )
 
+    # ------------------------------------------------------------------ following a shared log
+    def sync(self) -> int:
+        """Install what a shared log holds beyond this state (the records other replicas appended).
+
+        Returns the number of records applied (0 without a shared log or at its head). Decoded and
+        replayed exactly like a journal at open (`esg_memory.persist.replay`), under the writer lock.
+        """
+        pull = getattr(self.log, "pull", None)
+        if pull is None:
+            return 0
+        with self.wlock:
+            got = pull(self.state.edits, self.state.dim)
+            if got is None:
+                return 0
+            change, count = got
+            with self.lock:
+                self.state.install(change)
+            return count
+
+    def when_settled(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under the writer lock with no delete pending (settled first, through `settle`).
+
+        On a shared log a follower may bring a new deferred delete between the settle and the lock;
+        then it is settled again (a settle is re-planned like any write).
+        """
+        for _ in range(getattr(self.log, "max_replans", 1) + 1):
+            self.settle()
+            with self.wlock:
+                if not self.state.pending:
+                    return fn()
+        raise StaleStateError("deletes kept arriving while this memory tried to settle them")
+
+    @replanned
+    def _settle_replanned(self, give_way: bool = False) -> None:
+        self.settle_locked(give_way)
+
     # ------------------------------------------------------------------ two-phase delete
+    @replanned
     def settle(self) -> None:
         if not self.state.pending:
             return

@@ -55,6 +55,7 @@ __all__ = [
     "decode",
     "encode_abort",
     "encode_record",
+    "header_metadata",
     "list_segments",
     "live_records",
     "read_journal",
@@ -261,7 +262,7 @@ def encode_abort(lsn: int) -> bytes:
 def decode(lsn: int, payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     try:
         tensors = st_load(payload)
-        meta = _metadata(payload)
+        meta = header_metadata(payload)
         doc = json.loads(meta["record"])
     except (SafetensorError, KeyError, ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"journal record {lsn}: undecodable ({type(e).__name__}: {e})") from None
@@ -270,7 +271,7 @@ def decode(lsn: int, payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarr
     return doc, tensors
 
 
-def _metadata(payload: bytes) -> dict[str, str]:
+def header_metadata(payload: bytes) -> dict[str, str]:
     """The safetensors header's ``__metadata__`` (safetensors.numpy.load drops it)."""
     (n,) = struct.unpack_from("<Q", payload, 0)
     header = json.loads(payload[8 : 8 + n].decode("utf-8"))
