@@ -17,7 +17,7 @@ COPY pyproject.toml README.md ./
 COPY esg_memory ./esg_memory
 COPY index ./index
 # CPU wheels of torch keep the image small; swap the index URL for a CUDA build
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[serve]"
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[serve,postgres]"
 
 # never run as root; the memory directory is the only writable state
 RUN useradd --create-home --uid 10001 esg && mkdir -p /data && chown esg /data

@@ -21,7 +21,6 @@ Writes ``journal.json`` and ``journal.md`` (``journal_quick.*`` with --quick) to
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _crash import CrashEncoder, _spec, run_crash_trials
+from _report import write_report
 from tqdm import tqdm
 
 logger = logging.getLogger("bench_journal")
@@ -165,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               "crash_seed": args.seed,
               "machine": {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                           "python": platform.python_version(), "platform": platform.platform()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "journal_quick" if args.quick else "journal"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
-    sys.stdout.write(markdown(report))
+    write_report(args.out, "journal_quick" if args.quick else "journal", report, markdown(report))
     return 0 if crash["lost"] == 0 and crash["partial"] == 0 else 1
 
 

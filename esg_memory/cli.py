@@ -30,6 +30,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 
 BENCHMARKS = (
     "index", "routing", "fusion", "wrapper", "service", "default", "memory_scale", "journal", "reliability",
+    "replicas", "cost_curve",
 )
 
 
@@ -156,6 +157,7 @@ def cmd_add(s: _Session, args: argparse.Namespace) -> int:
         question=args.question,
         answer=args.answer,
         positives=_positives(args),
+        negatives=[*(args.negative or []), *((p, None) for p in (args.negative_image or []))] or None,
         metadata=json.loads(args.metadata) if args.metadata else {},
     )
     if args.tune != "never" or args.with_model:
@@ -276,6 +278,24 @@ def _benchmarks_dir(args: argparse.Namespace) -> Path:
     return where
 
 
+def cmd_migrate(s: _Session, args: argparse.Namespace) -> int:
+    """Move a memory between a directory and a PostgreSQL store (either way); routing is identical."""
+    from .memory import EditMemory
+    from .replicas import is_store_url, migrate
+
+    src, dst = args.source, args.target
+    # refused before the encoder loads (seconds): the same checks `migrate` makes
+    if is_store_url(src) == is_store_url(dst):
+        raise InvalidInputError("migrate moves a memory between a directory and a postgresql:// store")
+    if not is_store_url(dst) and Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
+        raise InvalidInputError(f"{dst} is not empty; migrate into a new directory")
+    if not is_store_url(src) and (Path(src) / "memory").is_dir():
+        src = str(Path(src) / "memory")  # the wrapper / serve layout: DIR/memory
+    n = migrate(EditMemory, src, dst, encoder=s.encoder)
+    _emit(args, {"source": args.source, "target": args.target, "edits": n})
+    return 0
+
+
 def cmd_bench(s: _Session, args: argparse.Namespace) -> int:
     script = _benchmarks_dir(args) / f"bench_{args.name}.py"
     if not script.is_file():
@@ -363,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("add", help="add an edit (live at once)")
     edit_fields(sp, required=True)
+    sp.add_argument("--negative", action="append",
+                    help="a question about this image that must NOT get the answer")
+    sp.add_argument("--negative-image", action="append",
+                    help="an image on which this question must NOT get the answer (a look-alike)")
     sp.add_argument("--metadata", help="JSON object stored with the edit")
     tune_options(sp)
     sp.set_defaults(func=cmd_add)
@@ -409,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     _add_bulk_parsers(command)
+
+    sp = command("migrate", help="move a memory between a directory and a postgresql:// store (either way)")
+    sp.add_argument("source", help="memory directory, or postgresql:// URL")
+    sp.add_argument("target", help="postgresql:// URL of an empty database, or a new directory")
+    sp.set_defaults(func=cmd_migrate)
 
     from .serve.cli import add_serve_arguments, run_from_args
 

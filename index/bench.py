@@ -5,6 +5,10 @@ and near-duplicate queries (a stored key plus Gaussian noise, cosine ~0.95 to it
 high-dimensional vectors are the hard case for approximate search (no cluster structure), so
 recall here is a lower bound for real CLIP keys. Every ratio is against ``flat`` measured in the
 same run on the same data.
+
+`run_vs_faiss` instead sets ``ScopedIndex.match`` (backend ``ivf``) beside a raw
+``faiss.IndexIVFFlat`` with the same trained centroids and lists: its ratio is the index's own
+cost (validation, locking, exact re-scoring, the scope rule) over the bare FAISS search.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ._match import first_k_for
 from .backends import IndexConfig
+from .rows import UnitRows, as_unit_rows
 from .scoped import ScopedIndex
 
-__all__ = ["format_table", "run_benchmark", "write_json"]
+__all__ = ["format_table", "format_vs_faiss", "run_benchmark", "run_vs_faiss", "vs_faiss_markdown",
+           "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +164,170 @@ _COLS = [("N", "n_keys", "{:,}"), ("backend", "backend", "{}"), ("now", "structu
          ("bytes vs flat", "bytes_vs_flat", "{:.2f}x")]
 
 
-def format_table(result: dict[str, Any], header: bool = True) -> str:
+def format_table(result: dict[str, Any], header: bool = True, cols: list | None = None) -> str:
+    cols = _COLS if cols is None else cols
     lines = []
     if header:
-        lines.append("| " + " | ".join(c[0] for c in _COLS) + " |")
-        lines.append("|" + "|".join("---" for _ in _COLS) + "|")
+        lines.append("| " + " | ".join(c[0] for c in cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
     for r in result["rows"]:
         cells = []
-        for _, key, fmt in _COLS:
+        for _, key, fmt in cols:
             vals = [r.get(k) for k in key] if isinstance(key, tuple) else [r.get(key)]
             cells.append("-" if any(v is None for v in vals) else fmt.format(*vals))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ ScopedIndex vs raw FAISS IVF
+def _meta(**extra: Any) -> dict[str, Any]:
+    return {**extra, "threshold": THRESHOLD, "noise": NOISE, "faiss": faiss.__version__,
+            "numpy": np.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _vs_faiss_one(
+    n: int, dim: int, n_queries: int, rounds: int, seed: int, nprobe: int | None
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed + n)
+    keys = _unit(rng, n, dim)
+    nq = min(n_queries, n)
+    queries = _near(rng, keys[:nq])  # query i is a near-duplicate of key i (= edit i)
+    # nprobe=None: the index's own rule, max(ivf_nprobe, nlist / ivf_nprobe_per_lists)
+    cfg = IndexConfig() if nprobe is None else IndexConfig(ivf_nprobe=nprobe, ivf_nprobe_per_lists=max(1, n))
+    t0 = time.perf_counter()
+    ix = ScopedIndex(dim, backend="ivf", config=cfg)
+    # One add, so the IVF is trained once at N (nlist ~ 4 sqrt(N)). `_unit` rows are unit rows
+    # already; `trusted` skips the float64 copy the check makes (4 GB at 1M keys).
+    ix.add(np.arange(n), UnitRows.trusted(keys), THRESHOLD)
+    build_s = time.perf_counter() - t0
+    struct = ix.stats()["structure"]
+    if struct["kind"] != "ivf":
+        raise ValueError(f"{n} keys are too few for IVF (IndexConfig.ivf_min_train = {cfg.ivf_min_train})")
+    # The raw index gets the ScopedIndex's trained centroids and is filled as a FAISS user fills
+    # one, by one add() of the same keys in the same order: the same lists, the same candidates.
+    # (Not a clone: clone_index packs the lists tighter than add does, and that alone searches
+    # ~5% faster here.)
+    t0 = time.perf_counter()
+    centroids = ix.centroids()
+    quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(centroids)
+    raw = faiss.IndexIVFFlat(quantizer, dim, centroids.shape[0], faiss.METRIC_INNER_PRODUCT)
+    raw.add(keys)
+    raw.nprobe = struct["nprobe"]
+    raw_build_s = time.perf_counter() - t0
+    st = ix.stats()
+    kk = first_k_for(st["keys"], st["edits"], st["faiss_ntotal"])
+    arrays = [q[None] for q in queries]  # what a caller holds: (1, d) float32, validated by match
+    units = [as_unit_rows(a, dim) for a in arrays]  # checked once up front, as a routed call does
+    calls: dict[str, Callable[[int], Any]] = {
+        "raw_k1": lambda i: raw.search(arrays[i], 1)[1],
+        "raw_kk": lambda i: raw.search(arrays[i], kk)[1],
+        "match_unit": lambda i: ix.match(units[i]),
+        "match_array": lambda i: ix.match(arrays[i]),
+    }
+    for f in calls.values():  # first touches fault pages in; a live service is past them
+        for i in range(min(32, nq)):
+            f(i)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    answers: dict[str, list[int]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        # every query once per method and pass, so each call meets caches as random traffic
+        # leaves them; the order rotates so no method always follows the same one
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            f, out, got = calls[name], samples[name], answers[name]
+            for i in range(nq):
+                t = time.perf_counter()
+                res = f(i)
+                out.append(time.perf_counter() - t)
+                if r == 0:
+                    got.append(int(res.flat[0]))
+    src = np.arange(nq)
+    row: dict[str, Any] = {"n_keys": n, "nlist": struct["nlist"], "nprobe": struct["nprobe"], "k_match": kk,
+                           "build_s": build_s, "raw_add_s": raw_build_s, "n_samples": nq * rounds}
+    for name, v in samples.items():
+        a = np.asarray(v) * 1e3
+        row[f"{name}_ms_median"], row[f"{name}_ms_p99"] = float(np.median(a)), float(np.percentile(a, 99))
+        row[f"{name}_ms_mean"] = float(a.mean())
+    base = row["raw_k1_ms_median"]
+    row["match_unit_vs_raw"] = row["match_unit_ms_median"] / base
+    row["match_array_vs_raw"] = row["match_array_ms_median"] / base
+    row["recall_at_1_match"] = float((np.asarray(answers["match_array"]) == src).mean())
+    row["recall_at_1_raw"] = float((np.asarray(answers["raw_k1"]) == src).mean())
+    row["match_unit_equals_array"] = answers["match_unit"] == answers["match_array"]
+    return row
+
+
+def run_vs_faiss(sizes: list[int], dim: int = 512, n_queries: int = 500, rounds: int = 3, seed: int = 0,
+                 nprobe: int | None = None,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`ScopedIndex.match` (backend ``ivf``) against a raw ``faiss.IndexIVFFlat`` holding the same
+    trained lists (same nlist and nprobe), one query per call, FAISS on one thread.
+
+    Per size: latency median / p99 of raw ``search`` with k=1 (the baseline) and with the k that
+    match fetches, of ``match`` given a `UnitRows` (checked once before, as routed calls pass
+    queries) and given a plain (1, d) array (checked and normalised inside each call), the
+    ratios of the two medians to the baseline, and recall@1 on near-duplicate queries of both.
+    """
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        rows = []
+        for n in sizes:
+            logger.info("vs-faiss benchmark at %d keys", n)
+            rows.append(_vs_faiss_one(n, dim, n_queries, rounds, seed, nprobe))
+            if on_row is not None:
+                on_row(rows[-1])
+    finally:
+        faiss.omp_set_num_threads(before)
+    return {"meta": _meta(dim=dim, n_queries=n_queries, rounds=rounds, faiss_threads=1,
+                          nprobe=("index default" if nprobe is None else nprobe)), "rows": rows}
+
+
+_VS_COLS = [("N", "n_keys", "{:,}"), ("nlist / nprobe", ("nlist", "nprobe"), "{} / {}"),
+            ("build s", "build_s", "{:.1f}"),
+            ("raw IVF k=1 ms med / p99", ("raw_k1_ms_median", "raw_k1_ms_p99"), "{:.3f} / {:.3f}"),
+            ("raw IVF k=8 ms med", "raw_kk_ms_median", "{:.3f}"),
+            ("match (UnitRows) ms med / p99", ("match_unit_ms_median", "match_unit_ms_p99"),
+             "{:.3f} / {:.3f}"),
+            ("vs raw", "match_unit_vs_raw", "**{:.2f}x**"),
+            ("match (array) ms med / p99", ("match_array_ms_median", "match_array_ms_p99"),
+             "{:.3f} / {:.3f}"),
+            ("vs raw ", "match_array_vs_raw", "{:.2f}x"),
+            ("recall@1 match / raw", ("recall_at_1_match", "recall_at_1_raw"), "{:.3f} / {:.3f}")]
+
+
+def format_vs_faiss(result: dict[str, Any], header: bool = True) -> str:
+    return format_table(result, header=header, cols=_VS_COLS)
+
+
+_VS_NOTES = """\
+- **raw IVF**: `faiss.IndexIVFFlat` (IndexFlatIP quantizer, inner product) given the ScopedIndex's
+  trained centroids and filled with one `add` of the same keys, so it holds the same lists;
+  `search(q, k)` at the same nprobe. k=1 is the baseline of both ratios.
+- **match (UnitRows)**: `ScopedIndex.match(q)` with `q` checked once beforehand
+  (`index.as_unit_rows`), as routed calls pass queries. It fetches k=8 candidates, re-scores them
+  exactly from the key table and applies the per-key thresholds.
+- **match (array)**: the same with a plain (1, d) float32 array, checked and normalised in each call.
+- Each method runs over every query once per pass (caches as random traffic leaves them); medians
+  and p99 are over all passes. Absolute times on this shared machine drift from run to run; the
+  ratios compare methods measured in the same run on the same data.
+"""
+
+
+def vs_faiss_markdown(result: dict[str, Any], command: str) -> str:
+    """The results file: how it was made, the table, and how to read it."""
+    m = result["meta"]
+    return (
+        f"# `ScopedIndex.match` vs raw FAISS IVF\n\n`{command}`: {m['time']}, faiss {m['faiss']}, "
+        f"numpy {m['numpy']}, python {m['python']}, {m['cpus']} CPUs ({m['machine']}, shared; 1-min load "
+        f"{m['load_avg_1m']:.1f} at the start), FAISS on 1 thread.\n\n"
+        f"d = {m['dim']}; random unit keys, one per edit, threshold {m['threshold']}; queries = stored keys "
+        f"plus noise (cos ~0.95), renormalised; {m['n_queries']} queries, {m['rounds']} pass(es) per method; "
+        f"nprobe: {m['nprobe']}.\n\n{format_vs_faiss(result)}\n\n{_VS_NOTES}"
+    )
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ pay that check once per method; a `UnitRows` carries the proof with the rows, so
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -158,14 +159,27 @@ def _unit_array(values: Any, dim: int, name: str, allow_1d: bool) -> np.ndarray:
         raise DimensionError(f"{name} must be 2-D (n, {dim}), got shape {arr.shape}")
     if arr.shape[1] != dim:
         raise DimensionError(f"{name} must have {dim} columns, got {arr.shape[1]}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        f32 = arr.astype(np.float32)
-    if not np.isfinite(f32).all():
-        bad = int(np.flatnonzero(~np.isfinite(f32).all(axis=1))[0])
-        raise InvalidVectorError(f"{name} row {bad} has NaN/inf (or a value outside float32 range)")
+    if arr.dtype is _F32 or arr.dtype == _F32:
+        f32 = arr  # only read below: the result is a fresh array either way
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 range -> inf
+            f32 = arr.astype(np.float32)
     f64 = f32.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", f64, f64))
-    if (norms == 0).any():
-        bad = int(np.flatnonzero(norms == 0)[0])
+    sq = np.einsum("ij,ij->i", f64, f64)
+    # One test on the norms stands for the per-value ones (a query's hot path): a float64 sum of
+    # squared float32 values is finite iff every value is (it cannot overflow) and > 0 iff the row
+    # is non-zero (the smallest float32 squared is a normal float64). NaN fails both comparisons.
+    if sq.shape[0] == 1:  # one query: Python's sqrt and a scalar divisor are the same IEEE operations
+        norm = math.sqrt(float(sq[0]))
+        ok = 0.0 < norm < math.inf
+    else:
+        norm = np.sqrt(sq)[:, None]
+        ok = bool(((norm > 0) & (norm < np.inf)).all())
+    if not ok:
+        if not np.isfinite(f32).all():
+            bad = int(np.flatnonzero(~np.isfinite(f32).all(axis=1))[0])
+            raise InvalidVectorError(f"{name} row {bad} has NaN/inf (or a value outside float32 range)")
+        bad = int(np.flatnonzero(sq == 0)[0])
         raise InvalidVectorError(f"{name} row {bad} is a zero vector (cosine is undefined)")
-    return np.ascontiguousarray(f64 / norms[:, None], dtype=np.float32)
+    f64 /= norm
+    return f64.astype(np.float32, order="C")  # C order even for a strided or Fortran-order input

@@ -32,6 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ._match import match_one, match_rows, retrieve
 from ._prune import ConeCache, live_thresholds, scan_error, scan_max_margins
 from ._table import KeyTable
 from ._validate import as_edit_id, as_edit_ids, as_k, as_thresholds
@@ -112,6 +113,15 @@ class ScopedIndex:
             t, s = self._table, self._struct
             table = t.vecs.nbytes + t.edit.nbytes + t.thr.nbytes + t.bits.nbytes
             return {"table": int(table), "structure": int(faiss.serialize_index(s.index).nbytes)}
+
+    def centroids(self) -> np.ndarray | None:
+        """(nlist, dim) float32 copy of the IVF structure's trained centroids; None for flat or
+        HNSW. (For building a raw FAISS index with the same lists, as ``index/bench.py`` does.)"""
+        with self._lock.read():
+            ivf = self._struct.index
+            if not isinstance(ivf, faiss.IndexIVF):
+                return None
+            return np.asarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32).copy()
 
     def edit_ids(self) -> np.ndarray:
         """Sorted int64 array of the edit ids present."""
@@ -256,7 +266,7 @@ class ScopedIndex:
             # Per-row Python over a few dozen candidates: cheaper than a dozen numpy calls for the
             # small batches routing sends, and linear in rows for large ones.
             while rows:
-                slots, _cos, exhausted = self._retrieve(q[rows], kk, t, s)
+                slots, _cos, exhausted = retrieve(q[rows], kk, t, s, self.config)
                 edits = np.where(slots >= 0, t.edit[np.maximum(slots, 0)], -1).tolist()
                 deepen = []
                 for r, row, ex in zip(rows, edits, exhausted.tolist(), strict=True):
@@ -319,56 +329,35 @@ class ScopedIndex:
 
     def match(self, queries: Any) -> np.ndarray:
         """(m,) int64: per query the in-scope edit with the largest margin, -1 if none."""
-        return self.match_details(queries).edit_ids[:, 0]
+        q = rows_array(queries, self.dim, name="queries")
+        lock = self._lock
+        lock.acquire_read()  # not `with lock.read()`: see RWLock.acquire_read
+        try:
+            t, s = self._table, self._struct
+            if q.shape[0] == 1 and t.n_alive:
+                slot, _, _, first = match_one(q, t, s, self.config)
+                if first is None:
+                    return t.edit[slot : slot + 1].copy() if slot >= 0 else np.full(1, -1, dtype=np.int64)
+                return match_rows(q, t, s, self.config, self._WIDE_CAP, first).edit_ids[:, 0]
+            return match_rows(q, t, s, self.config, self._WIDE_CAP).edit_ids[:, 0]
+        finally:
+            lock.release_read()
 
     def match_details(self, queries: Any) -> SearchResult:
         """Like `match` but with the winning key's score/threshold, as a k=1 `SearchResult`."""
         q = rows_array(queries, self.dim, name="queries")
-        m = q.shape[0]
-        out = padded(m, 1)
         with self._lock.read():
             t, s = self._table, self._struct
-            if m == 0 or t.n_alive == 0:
+            if q.shape[0] == 1 and t.n_alive:
+                slot, score, thr, first = match_one(q, t, s, self.config)
+                if first is not None:
+                    return match_rows(q, t, s, self.config, self._WIDE_CAP, first)
+                out = padded(1, 1)
+                if slot >= 0:
+                    out.edit_ids[0, 0], out.scores[0, 0], out.thresholds[0, 0] = t.edit[slot], score, thr
+                    out.in_scope[0, 0] = True
                 return out
-            tmin = t.min_threshold()
-            kk = min(s.ntotal, max(8, 2 * math.ceil(t.n_alive / t.n_edits)))
-            rows = np.arange(m)
-            while rows.shape[0]:
-                slots, cos, exhausted = self._retrieve(q[rows], kk, t, s)
-                valid = slots >= 0
-                safe = np.maximum(slots, 0)
-                thr = np.where(valid, t.thr[safe], np.inf)
-                margin = np.where(valid, cos - thr, -np.inf)
-                last = cos[:, -1]
-                best = margin.max(axis=1)
-                done = exhausted | (kk >= s.ntotal) | np.where(best >= 0, best >= last - tmin, last < tmin)
-                if not done.all():
-                    # An unseen key can only be in scope (or beat a margin >= 0) if its threshold is
-                    # <= its cosine <= `last`. Few such wide-scope keys: score them all exactly and
-                    # stop, instead of deepening towards a full scan for every query.
-                    wide = t.alive_slots_with_threshold_at_most(float(last[~done].max()))
-                    if wide.shape[0] <= self._WIDE_CAP:
-                        pend, shape = ~done, (slots.shape[0], wide.shape[0])
-                        wslots = np.full(shape, -1, dtype=np.int64)
-                        wslots[pend] = wide
-                        wcos = np.full(shape, -np.inf, dtype=np.float32)
-                        wcos[pend] = q[rows[pend]] @ t.vecs[wide].T
-                        slots = np.concatenate([slots, wslots], axis=1)
-                        cos = np.concatenate([cos, wcos], axis=1)
-                        thr = np.concatenate([thr, np.broadcast_to(t.thr[wide], shape)], axis=1)
-                        margin = np.where(slots >= 0, cos - thr, -np.inf)
-                        done[:] = True
-                j = np.argmax(margin, axis=1)
-                ar = np.arange(rows.shape[0])
-                hit = done & (margin[ar, j] >= 0)
-                r = rows[hit]
-                out.edit_ids[r, 0] = t.edit[slots[ar[hit], j[hit]]]
-                out.scores[r, 0] = cos[ar[hit], j[hit]]
-                out.thresholds[r, 0] = thr[ar[hit], j[hit]]
-                out.in_scope[r, 0] = True
-                rows = rows[~done]
-                kk = min(s.ntotal, kk * 4)
-            return out
+            return match_rows(q, t, s, self.config, self._WIDE_CAP)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -438,21 +427,6 @@ class ScopedIndex:
             self._cones.current = cone
         logger.info("index rebuilt: %s -> %s, %d keys (%d removed dropped) in %.2fs", s.kind, kind,
                     new_t.n, t.n_dead, time.perf_counter() - t0)
-
-    def _retrieve(
-        self, q: np.ndarray, kk: int, t: KeyTable, s: Structure
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidate slots per row sorted by exact cosine (desc): (slots -1 pad, cos -inf pad, exhausted)."""
-        with faiss_threads(self.config, q.shape[0]):
-            _, slots = s.search(q, kk, t.selector() if s.keeps_dead else None)
-        valid = slots >= 0
-        cand = t.vecs[np.maximum(slots, 0)]
-        cos = np.einsum("md,mkd->mk", q, cand)
-        cos = np.where(valid, cos, -np.inf).astype(np.float32)
-        order = np.argsort(-cos, axis=1, kind="stable")
-        slots = np.take_along_axis(np.where(valid, slots, -1), order, axis=1)
-        cos = np.take_along_axis(cos, order, axis=1)
-        return slots, cos, ~valid.all(axis=1)
 
 
 def write_index(index: ScopedIndex, path: str | os.PathLike) -> None:

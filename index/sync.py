@@ -17,7 +17,8 @@ __all__ = ["RWLock"]
 
 class RWLock:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)  # `with self._mutex` is the cheaper way in
         self._readers = 0
         self._writer = False
         self._waiting_writers = 0
@@ -32,10 +33,21 @@ class RWLock:
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+            self.release_read()
+
+    def acquire_read(self) -> None:
+        """`read` without the context manager, for hot paths: pair it with `release_read` in a
+        ``try``/``finally``. (A generator-based ``with`` costs a single-query index match ~10 us.)"""
+        with self._mutex:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._mutex:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:

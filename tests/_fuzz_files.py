@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 from _fuzz_fixtures import DIM, BadCase, index_state, memory_state
 from _memory_fixtures import HashKeyEncoder, png_bytes, shape_image
+from safetensors.numpy import load_file, save
 
 from esg_memory.errors import EsgMemoryError
 from esg_memory.memory import EditMemory
+from esg_memory.persist.snapshot import doc_checksum
 from index import ScopedIndex
 from index.errors import ScopedIndexError
 
@@ -132,8 +135,8 @@ def corrupted_memory_dirs(
         lambda d: _edit_json(d / mj, lambda x: x["edits"][0]["versions"][0].update(image="../../etc/passwd")),
     )
     yield variant(
-        "attachment file name with '..'",
-        lambda d: _edit_json(d / mj, lambda x: x["attachments"][0].update(file="../memory.json")),
+        "attachment reference with '..'",
+        lambda d: _edit_json(d / mj, lambda x: x["attachments"][0].update(sha256="../memory.json")),
     )
     yield variant("next_id below a live id", lambda d: _edit_json(d / mj, lambda x: x.update(next_id=0)))
     yield variant("retired holds a live id", lambda d: _edit_json(d / mj, lambda x: x.update(retired=[0])))
@@ -146,24 +149,32 @@ def corrupted_memory_dirs(
         "keys.safetensors truncated",
         lambda d: (d / "keys.safetensors").write_bytes((d / "keys.safetensors").read_bytes()[:100]),
     )
-    yield variant("a blob missing", lambda d: next((d / "blobs").iterdir()).unlink())
+    # images and attachments live in packs whose size and sha256 memory.json records: "resealed"
+    # damage rewrites the pack *and* those records (and memory.json's own checksum), so only the
+    # check of each image / attachment against its own sha256 is left to catch it
+    bp, ap = "blobs.safetensors", "attachments.safetensors"
+    yield variant("a blob missing from its pack (resealed)", lambda d: _repack(d, bp, _drop_first))
     yield variant(
-        "a blob replaced",
-        lambda d: next((d / "blobs").iterdir()).write_bytes(png_bytes(shape_image("black"))),
+        "a blob's bytes replaced (resealed)",
+        lambda d: _repack(d, bp, _alter_first(lambda b: png_bytes(shape_image("black")))),
     )
-    yield variant("an attachment missing", lambda d: next((d / "attachments").iterdir()).unlink())
+    yield variant("a blob truncated (resealed)", lambda d: _repack(d, bp, _alter_first(lambda b: b[:-5])))
+    yield variant("an attachment missing (resealed)", lambda d: _repack(d, ap, _drop_first))
     yield variant(
-        "a blob is a symlink outside", lambda d: _symlink_over(next((d / "blobs").iterdir()), work / "a-file")
+        "an attachment altered (resealed)", lambda d: _repack(d, ap, _alter_first(lambda b: b"tampered"))
     )
+    yield variant("the blob pack missing", lambda d: (d / bp).unlink())
+    yield variant("the blob pack truncated", lambda d: (d / bp).write_bytes((d / bp).read_bytes()[:100]))
+    yield variant(
+        "a blob replaced in the pack",
+        lambda d: (d / bp).write_bytes(_replace_in_pack((d / bp).read_bytes())),
+    )
+    yield variant("the blob pack is a symlink outside", lambda d: _symlink_over(d / bp, work / "a-file"))
     yield variant("keys.safetensors is a FIFO", lambda d: _fifo_over(d / "keys.safetensors"))
     yield variant("memory.json is a FIFO", lambda d: _fifo_over(d / "memory.json"))
-    yield variant(
-        "a blob is /dev/zero", lambda d: _symlink_over(next((d / "blobs").iterdir()), Path("/dev/zero"))
-    )
-    yield variant(
-        "an attachment is /dev/zero",
-        lambda d: _symlink_over(next((d / "attachments").iterdir()), Path("/dev/zero")),
-    )
+    yield variant("the blob pack is a FIFO", lambda d: _fifo_over(d / bp))
+    yield variant("the blob pack is /dev/zero", lambda d: _symlink_over(d / bp, Path("/dev/zero")))
+    yield variant("the attachment pack is /dev/zero", lambda d: _symlink_over(d / ap, Path("/dev/zero")))
     yield variant("index dir missing", lambda d: shutil.rmtree(d / "index"))
     yield variant(
         "index.json foreign", lambda d: _edit_json(d / "index" / "index.json", lambda x: x.update(format="x"))
@@ -180,6 +191,41 @@ def corrupted_memory_dirs(
         rel = target.relative_to(src)
         sub = random.Random(rng.random())
         yield variant(f"bit flip #{i} in {rel}", lambda d, rel=rel, sub=sub: flip_bytes(d / rel, sub))
+
+
+def _repack(d: Path, name: str, fn: Callable[[dict[str, np.ndarray]], None]) -> None:
+    """Rewrite pack ``name`` of memory directory ``d`` with ``fn`` applied, resealing memory.json to match."""
+    tensors = load_file(d / name)
+    fn(tensors)
+    data = save(tensors)
+    (d / name).write_bytes(data)
+    doc = json.loads((d / "memory.json").read_text())
+    doc.pop("checksum", None)
+    doc["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    doc["checksum"] = doc_checksum(doc)
+    (d / "memory.json").write_text(json.dumps(doc))
+
+
+def _drop_first(tensors: dict[str, np.ndarray]) -> None:
+    del tensors[min(tensors)]
+
+
+def _alter_first(alter: Callable[[bytes], bytes]) -> Callable[[dict[str, np.ndarray]], None]:
+    def fn(tensors: dict[str, np.ndarray]) -> None:
+        name = min(tensors)
+        tensors[name] = np.frombuffer(alter(tensors[name].tobytes()), dtype=np.uint8)
+
+    return fn
+
+
+def _replace_in_pack(data: bytes) -> bytes:
+    """The pack's first image overwritten in place by other bytes of the same length (header intact)."""
+    body = 8 + int(np.frombuffer(data[:8], dtype="<u8")[0])
+    head = json.loads(data[8:body])
+    start, end = head[min(k for k in head if k != "__metadata__")]["data_offsets"]
+    other = png_bytes(shape_image("black"))
+    new = (other * (1 + (end - start) // len(other)))[: end - start]
+    return data[: body + start] + new + data[body + end :]
 
 
 def _fifo_over(p: Path) -> None:

@@ -89,7 +89,9 @@ def saved_state(mem: EditMemory, tmp: Path) -> dict[str, Any]:
         doc = json.loads((d / "memory.json").read_text())
         doc.pop("checksum")
         files = doc.pop("files")
-        assert set(files) == {"keys.safetensors"}, files  # a new file: compare it here too
+        # a new file: compare it here too (the image and attachment packs are written without
+        # safetensors metadata, so byte for byte: the loop below)
+        assert set(files) == {"keys.safetensors", "blobs.safetensors", "attachments.safetensors"}, files
         out: dict[str, Any] = {"memory.json": doc, "keys.safetensors": _keys_file(d / "keys.safetensors"),
                                "index": _index_state(d / "index")}
         assert sorted(p.name for p in (d / "index").iterdir()) == [

@@ -282,3 +282,23 @@ def test_generate_with_float32_in_process(capsys, mem, caplog):
                        str(_pictures()[0]), "--prompt", "what shape is in the image?")
     assert got["edit_id"] == -1 and got["text"]
     assert any("as torch.float32" in r.getMessage() for r in caplog.records)
+
+
+def test_add_with_negatives_keeps_them_out_of_the_scope(capsys, mem, tmp_path):
+    red, blue = (str(p) for p in _pictures())
+    q, near = "what shape is in the image?", "which shape is this?"
+    base = ["add", "--image", red, "--question", q, "--answer", "oval", "--tune", "never"]
+    plain = ["--memory", str(tmp_path / "plain"), "--clip", "esg-easyvqa-clip"]
+    run_json(capsys, *plain, *base)
+    assert run_json(capsys, *plain, "route", "--image", red, "--question", near)["edit_id"] >= 0
+
+    eid = run_json(capsys, *mem, *base, "--negative", near, "--negative-image", blue)["edit_id"]
+    assert run_json(capsys, *mem, "route", "--image", red, "--question", near)["edit_id"] == -1
+    assert run_json(capsys, *mem, "route", "--image", red, "--question", q)["edit_id"] == eid
+    fb = run_json(capsys, *mem, "history", str(eid))[-1]["feedback"]
+    red_sha = run_json(capsys, *mem, "show", str(eid))["image"]
+    assert [(f["kind"], f["text"], f["image"] == red_sha) for f in fb] == [("negative", near, True),
+                                                                             ("negative", q, False)]
+    rc, _, err = run(capsys, *mem, "add", "--image", red, "--question", q, "--answer", "x", "--negative", q,
+                     "--tune", "never")
+    assert rc == EXIT_REFUSED and "own input" in err

@@ -69,8 +69,8 @@ def fingerprint(mem: EditMemory, tmp: Path) -> tuple:
     # the file checksums differ between any two saves (safetensors orders its metadata at random)
     doc.pop("files"), doc.pop("checksum", None)
     tensors = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in load_file(d / "keys.safetensors").items()}
-    blobs = sorted(p.name for p in (d / "blobs").iterdir())
-    atts = sorted((p.name, p.read_bytes()) for p in (d / "attachments").iterdir())
+    blobs = sorted((k, v.tobytes()) for k, v in load_file(d / "blobs.safetensors").items())
+    atts = sorted((k, v.tobytes()) for k, v in load_file(d / "attachments.safetensors").items())
     r = mem.route(images=[p[0] for p in PROBES], texts=[p[1] for p in PROBES])
     shutil.rmtree(d)
     return (doc, tensors, blobs, atts, r.edit_ids.tolist(), r.scores.tolist(),

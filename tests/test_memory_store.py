@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _memory_fixtures import HashKeyEncoder, shape_image
+from safetensors.numpy import load_file, save
 
 from esg_memory.config import MemoryConfig
 from esg_memory.errors import ConfigError, EncoderMismatchError, FormatError
@@ -53,10 +55,13 @@ def probe_route(m: EditMemory):
 
 def test_save_load_round_trip_is_equal(saved):
     m, path = saved
-    assert sorted(os.listdir(path)) == ["attachments", "blobs", "index", "keys.safetensors", "memory.json"]
+    assert sorted(os.listdir(path)) == [
+        "attachments.safetensors", "blobs.safetensors", "index", "keys.safetensors", "memory.json"
+    ]
     doc = json.loads((path / "memory.json").read_text())
-    assert doc["format_version"] == FORMAT_VERSION and doc["encoder"]["dim"] == 64
-    assert all(len(n) == 64 for n in os.listdir(path / "blobs"))
+    assert doc["format_version"] == FORMAT_VERSION == 2 and doc["encoder"]["dim"] == 64
+    blobs = load_file(path / "blobs.safetensors")
+    assert blobs and all(n.startswith("blob.") and len(n) == 5 + 64 for n in blobs)
     m2 = EditMemory.load(path, encoder=HashKeyEncoder())
     assert len(m2) == len(m) == 3 and 3 not in m2
     for e in m.list():
@@ -105,6 +110,32 @@ def _edit_json(path: Path, fn) -> None:
     (path / "memory.json").write_text(json.dumps(doc))
 
 
+def _repack(path: Path, name: str, fn) -> None:
+    """Rewrite pack ``name`` with ``fn`` applied to its tensors, its size and sha256 in memory.json to match.
+
+    The pack's own checksum then passes: what is left to catch the damage is the check of each
+    image / attachment against its sha256.
+    """
+    tensors = load_file(path / name)
+    fn(tensors)
+    data = save(tensors)
+    (path / name).write_bytes(data)
+    entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    _edit_json(path, lambda d: d["files"][name].update(entry))
+
+
+def _first(prefix: str, tensors: dict) -> str:
+    return sorted(n for n in tensors if n.startswith(prefix))[0]
+
+
+def _alter_first(prefix: str, alter):
+    def fn(tensors: dict) -> None:
+        name = _first(prefix, tensors)
+        tensors[name] = np.frombuffer(alter(tensors[name].tobytes()), dtype=np.uint8)
+
+    return fn
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -115,9 +146,14 @@ def _edit_json(path: Path, fn) -> None:
         "flipped-keys",
         "blob",
         "missing-blob",
+        "blob-pack-truncated",
+        "blob-pack-flipped",
+        "blob-pack-missing",
         "index",
         "no-json",
         "attachment",
+        "missing-attachment",
+        "attachment-pack-flipped",
         "bad-edit",
         "unknown-neighbour",
         "wrong-link",
@@ -140,10 +176,18 @@ def test_load_refuses_damaged_directories(saved, damage):
         data[-10] ^= 0xFF
         (path / "keys.safetensors").write_bytes(bytes(data))
     elif damage == "blob":
-        blob = next((path / "blobs").iterdir())
-        blob.write_bytes(blob.read_bytes()[:-5])
+        _repack(path, "blobs.safetensors", _alter_first("blob.", lambda b: b[:-5]))
     elif damage == "missing-blob":
-        next((path / "blobs").iterdir()).unlink()
+        _repack(path, "blobs.safetensors", lambda t: t.pop(_first("blob.", t)))
+    elif damage == "blob-pack-truncated":
+        data = (path / "blobs.safetensors").read_bytes()
+        (path / "blobs.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "blob-pack-flipped":
+        data = bytearray((path / "blobs.safetensors").read_bytes())
+        data[-10] ^= 0xFF
+        (path / "blobs.safetensors").write_bytes(bytes(data))
+    elif damage == "blob-pack-missing":
+        (path / "blobs.safetensors").unlink()
     elif damage == "index":
         for f in (path / "index").iterdir():
             if f.is_file() and f.suffix != ".json":
@@ -151,7 +195,13 @@ def test_load_refuses_damaged_directories(saved, damage):
     elif damage == "no-json":
         (path / "memory.json").unlink()
     elif damage == "attachment":
-        next((path / "attachments").iterdir()).write_bytes(b"tampered")
+        _repack(path, "attachments.safetensors", _alter_first("attachment.", lambda b: b"tampered"))
+    elif damage == "missing-attachment":
+        _repack(path, "attachments.safetensors", lambda t: t.pop(_first("attachment.", t)))
+    elif damage == "attachment-pack-flipped":
+        data = bytearray((path / "attachments.safetensors").read_bytes())
+        data[-3] ^= 0xFF
+        (path / "attachments.safetensors").write_bytes(bytes(data))
     elif damage == "bad-edit":
         _edit_json(path, lambda d: d["edits"][0].update(key_index=[0, 99]))
     elif damage == "unknown-neighbour":

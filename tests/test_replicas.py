@@ -432,3 +432,16 @@ def test_a_write_the_store_keeps_refusing_changes_nothing(pg_url, tmp_path, mems
     monkeypatch.undo()
     assert saved_state(a, tmp_path) == before and head(pg_url) == n
     assert a.add(**edit_spec(4)) == 3  # nothing of the refused write was left behind
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://esg:s3cret@db:5432/esg", "postgresql://esg@db:5432/esg"),
+        ("postgresql://esg@db/esg?password=s3cret&sslmode=require", "postgresql://esg@db/esg?password=***&sslmode=require"),
+        ("postgresql://u:p@ss@/db?host=/run/pg&PASSWORD=x", "postgresql://u@/db?host=/run/pg&password=***"),
+        ("postgresql:///esg?host=/tmp", "postgresql:///esg?host=/tmp"),
+    ],
+)
+def test_messages_never_show_the_password(url, shown):
+    assert Store(url).safe_url == shown

@@ -448,3 +448,40 @@ def test_run_from_args_places_the_model_and_passes_the_read_policy(tmp_path, mon
         r = c.post("/generate", headers=AUTH, json={"prompt": Q, "image": b64(PURPLE), "max_new_tokens": 2})
         assert r.status_code == 200 and isinstance(r.json()["results"][0]["text"], str)
     assert main([*argv, "--dtype", "float64"]) == 1  # refused before loading
+
+
+def test_add_takes_negatives_in_json_and_forms(serve_base, tmp_path):
+    near = "which colour does the shape have?"
+    with running(create_app(wrap(serve_base), tmp_path / "m", token=TOKEN)) as url, \
+            httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        def routed(prompt: str, image: bytes) -> int | None:
+            r = c.post("/route", json={"prompt": prompt, "image": b64(image)})
+            return r.json()["results"][0]["edit_id"]
+
+        # a bad negative is refused (422) and writes nothing
+        bad = {"question": Q, "answer": "x", "negatives": [{"text": None, "image_index": 3}]}
+        r = c.post("/edits", headers=AUTH, json=bad)
+        assert r.status_code == 422 and "negatives[0].image_index" in r.json()["detail"], r.text
+        r = c.post("/edits", headers=AUTH, json={"question": Q, "answer": "x", "image": b64(PURPLE),
+                                                 "negatives": [Q]})
+        assert r.status_code == 422 and "own input" in r.json()["detail"], r.text
+        assert c.get("/edits").json()["edits"] == []
+
+        body = {"question": Q, "answer": "purple", "image": b64(PURPLE), "tune": "never",
+                "negatives": [near, {"text": None, "image_index": 0}], "negative_image": [b64(GREEN)]}
+        r = c.post("/edits", headers=AUTH, json=body)
+        assert r.status_code == 201, r.text
+        eid = r.json()["id"]
+        assert routed(Q, PURPLE) == eid and routed(near, PURPLE) is None and routed(Q, GREEN) is None
+        fb = c.get(f"/edits/{eid}").json()["history"][-1]["feedback"]
+        assert [(f["kind"], f["text"]) for f in fb] == [("negative", near), ("negative", Q)]
+        assert fb[0]["image"] != fb[1]["image"] and None not in (fb[0]["image"], fb[1]["image"])
+
+        # the same as a form: negatives as JSON text, the images as uploads
+        r = c.post("/edits", headers=AUTH,
+                   data={"question": "how many shapes?", "answer": "nine", "tune": "never",
+                         "negatives": json.dumps(["how many circles?"])},
+                   files={"image": ("x.png", GREEN, "image/png")})
+        assert r.status_code == 201, r.text
+        fb = c.get(f"/edits/{r.json()['id']}").json()["history"][-1]["feedback"]
+        assert [f["text"] for f in fb] == ["how many circles?"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DuplicateEditError, ImageError, InvalidInputError, UnknownEditError, VersionError
 from ..images import LoadedImage, load_image
-from ..types import EditVersion, Positive
+from ..types import EditVersion, FeedbackProbe, Positive
 from ..validate import check_text, normalize_image_arg
 from .committed import Committed
 from .ops import NewEdit
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 MAX_ID = 2**63 - 2
-_ADD_FIELDS = frozenset({"image", "question", "answer", "positives", "metadata", "edit_id"})
+_ADD_FIELDS = frozenset({"image", "question", "answer", "positives", "negatives", "metadata", "edit_id"})
 _ATTACH_KINDS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 #: Largest edit metadata accepted, as JSON text: it is stored in memory.json and every journal record.
 MAX_METADATA_CHARS = 1 << 20
@@ -87,6 +87,38 @@ def positives_arg(positives: Any, blobs: dict[str, bytes], stored: Committed) ->
             out.append(Positive(text=txt, image=sha))
         else:
             raise InvalidInputError(f"positives[{j}] must be a text or an (image, text|None) pair")
+    return out
+
+
+def negatives_arg(
+    negatives: Any, blobs: dict[str, bytes], image: str | None, question: str, now: float
+) -> list[FeedbackProbe]:
+    """User negatives — inputs the edit must not hold — as stored feedback probes.
+
+    Like a positive, a negative text keeps the edit's image and a negative image keeps its question
+    ("this picture, but not this question"; "this question, but not on this picture"); a pair is
+    taken as given. Each is stored resolved (both sides named), so its meaning never depends on the
+    version it sits in. The edit's own input cannot be one of its negatives.
+    """
+    if negatives is None:
+        return []
+    if isinstance(negatives, (str, bytes, Mapping)) or not isinstance(negatives, Iterable):
+        raise InvalidInputError("negatives must be a list of texts or (image, text|None) pairs")
+    out = []
+    for j, n in enumerate(negatives):
+        if isinstance(n, str):
+            sha, txt = image, check_text(n, f"negatives[{j}]")
+        elif isinstance(n, (tuple, list)) and len(n) == 2:
+            img, txt = n
+            if img is None and txt is None:
+                raise InvalidInputError(f"negatives[{j}] has neither image nor text")
+            txt = question if txt is None else check_text(txt, f"negatives[{j}] text")
+            sha = image_arg(img, blobs)
+        else:
+            raise InvalidInputError(f"negatives[{j}] must be a text or an (image, text|None) pair")
+        if (sha, txt) == (image, question):
+            raise InvalidInputError(f"negatives[{j}] is the edit's own input")
+        out.append(FeedbackProbe(kind="negative", text=txt, image=sha, created_at=now))
     return out
 
 
@@ -162,14 +194,17 @@ def additions(
         a = check_text(spec.get("answer"), "answer")
         sha = image_arg(spec.get("image"), blobs)
         pos = positives_arg(spec.get("positives"), blobs, stored)
+        negs = negatives_arg(spec.get("negatives"), blobs, sha, q, now)
         meta = metadata_arg(spec.get("metadata"))
         eid = new_id(spec.get("edit_id"), taken, stored, start)
         taken.add(eid)
         start = max(start, eid + 1)
         v = EditVersion(
-            version=1, question=q, answer=a, image=sha, positives=pos, created_at=now, reason="add"
+            version=1, question=q, answer=a, image=sha, positives=pos, created_at=now, reason="add",
+            feedback=negs,
         )
-        out.append((NewEdit(eid, q, a, sha, tuple(p.to_dict() for p in pos), meta), v))
+        out.append((NewEdit(eid, q, a, sha, tuple(p.to_dict() for p in pos), meta,
+                            negatives=tuple(n.to_dict() for n in negs)), v))
     return out
 
 

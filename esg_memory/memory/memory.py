@@ -213,13 +213,19 @@ class EditMemory:
         positives: Any = None,
         metadata: Mapping[str, Any] | None = None,
         edit_id: int | None = None,
+        negatives: Any = None,
     ) -> int:
-        """Add one edit; returns its id. Visible to the very next `route`. Failure changes nothing."""
+        """Add one edit; returns its id. Visible to the very next `route`. Failure changes nothing.
+
+        ``positives`` must route here, ``negatives`` must not (texts keep the edit's image, images its
+        question, or (image, text) pairs): both shape the learned scope, as feedback would.
+        """
         spec = {
             "image": image,
             "question": question,
             "answer": answer,
             "positives": positives,
+            "negatives": negatives,
             "metadata": metadata,
             "edit_id": edit_id,
         }

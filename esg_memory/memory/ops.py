@@ -67,6 +67,8 @@ class NewEdit:
     metadata: Mapping[str, Any]
     attachments: Mapping[str, str] = field(default_factory=dict)
     """Attachments of the first version stored with the add (kind -> sha256; e.g. a compiled adapter)."""
+    negatives: tuple[dict[str, Any], ...] = ()
+    """User negatives as stored (`types.FeedbackProbe.to_dict()` each): inputs the edit must not hold."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -79,6 +81,8 @@ class NewEdit:
         }
         if self.attachments:  # absent when empty: records without attachments are as they always were
             d["attachments"] = dict(self.attachments)
+        if self.negatives:  # likewise
+            d["negatives"] = [dict(n) for n in self.negatives]
         return d
 
 
@@ -210,6 +214,7 @@ def op_from_dict(d: Any, what: str = "operation") -> Op:
                     positives=tuple(e.get("positives", [])),
                     metadata=e.get("metadata") or {},
                     attachments=dict(atts),
+                    negatives=tuple(e.get("negatives", [])),
                 )
             )
         return AddEdits(time=float(d.get("time", 0.0)), edits=tuple(out))

@@ -393,23 +393,26 @@ class EditedModel(ModuleCalls):
         tune: TuneMode | None = None,
         metadata: dict[str, Any] | None = None,
         edit_id: int | None = None,
+        negatives: Sequence[Any] | None = None,
     ) -> int:
         """Add an edit to the memory with its compiled adapter attached (live at the next call, and stored
         before this returns). ``tune`` (default `EditedModelConfig.tune`, ``"auto"``): ``"auto"`` checks in
         the background that the edit's own input now gets its answer and tunes the adapter when it does
         not; ``"never"`` compiles only; ``"sync"`` / ``"background"`` always tune (before this returns /
-        in the background). `edit_status` tells where that stands."""
+        in the background). `edit_status` tells where that stands. ``positives`` / ``negatives``: inputs
+        that must / must not route to the edit (see `EditMemory.add`)."""
         tune = self._tune_mode(tune)
         if not isinstance(question, str) or not isinstance(answer, str) or not answer.strip():
             raise InvalidInputError("question and answer must be non-empty strings")
         check_text(question, "question"), check_text(answer, "answer")  # before the tokenizer sees them
         self.runtime.statement_ids(question, answer)  # validate before anything is written
-        eid = int(  # positives and metadata are validated by the memory (None means none)
+        eid = int(  # positives, negatives and metadata are validated by the memory (None means none)
             self.memory.add(
                 image=image,
                 question=question,
                 answer=answer,
                 positives=positives,
+                negatives=negatives,
                 metadata=metadata,
                 edit_id=edit_id,
             )

@@ -66,7 +66,18 @@ logger = logging.getLogger("esg_memory.durable")
 
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
-_PLAIN_FILES = ("memory.json", "keys.safetensors", "blobs", "attachments", "index")
+# a plain snapshot's entries, of every format version (2 packs what 1 kept in the blobs/ and
+# attachments/ directories): converting a plain directory in place removes them once the durable
+# snapshot is in
+_PLAIN_FILES = (
+    "memory.json",
+    "keys.safetensors",
+    "blobs.safetensors",
+    "attachments.safetensors",
+    "blobs",
+    "attachments",
+    "index",
+)
 
 
 def is_durable(path: Path) -> bool:

@@ -45,7 +45,7 @@ from index import fsync_dir
 from ..errors import EsgMemoryError, FormatError
 from ..memory.ops import Attach, Change, Op
 from .frames import HEAD, JOURNAL_VERSION, SEGMENT, Segment, frame, header, read_segment
-from .snapshot import edit_doc
+from .snapshot import bytes_tensors, edit_doc
 
 __all__ = [
     "JOURNAL_VERSION",
@@ -212,12 +212,6 @@ def _payload(doc: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
     return st_save(tensors, metadata={"record": json.dumps(doc, allow_nan=False, separators=(",", ":"))})
 
 
-def _blob_tensors(blobs: Mapping[str, bytes], tensors: dict[str, np.ndarray]) -> list[str]:
-    for sha, data in blobs.items():
-        tensors[f"blob.{sha}"] = np.frombuffer(bytes(data), dtype=np.uint8)
-    return sorted(blobs)
-
-
 def encode_record(
     op: Op, change: Change, attachment: bytes | Mapping[str, bytes] | None, new_blobs: Mapping[str, bytes]
 ) -> bytes:
@@ -234,9 +228,7 @@ def encode_record(
     tensors: dict[str, np.ndarray] = {}
     extra: dict[str, Any] = {}
     if isinstance(attachment, Mapping) and attachment:
-        for sha, data in attachment.items():
-            tensors[f"attachment.{sha}"] = np.frombuffer(bytes(data), dtype=np.uint8)
-        extra["attachments"] = sorted(attachment)
+        extra["attachments"] = bytes_tensors(attachment, "attachment", tensors)
     over = change.states
     states = [
         edit_doc(st, tensors, vectors=eid in change.changed_vec)
@@ -248,7 +240,7 @@ def encode_record(
         "op": op.to_dict(),
         "states": states,
         "deleted": change.deleted,
-        "blobs": _blob_tensors(new_blobs, tensors),
+        "blobs": bytes_tensors(new_blobs, "blob", tensors),
         **extra,
     }
     return _payload(doc, tensors)

@@ -12,7 +12,6 @@ composed in order. The result is installed by `EditMemory.from_snapshot` exactly
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +20,10 @@ import numpy as np
 from ..errors import FormatError
 from ..memory.ops import Attach, Change, Effects, effects_of, op_from_dict
 from ..memory.state import EditState
-from .snapshot import edit_from_doc, tensor_reader
+from .snapshot import checked_bytes, edit_from_doc, tensor_reader
 
 __all__ = ["replay"]
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 Record = tuple[int, dict[str, Any], dict[str, np.ndarray]]
 
 
@@ -112,25 +110,10 @@ def _replay(base: Mapping[int, EditState], dim: int, records: list[Record]) -> C
 
 def _blobs_of(lsn: int, doc: dict, tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
     """The image blobs a commit record carries (by sha256), checked."""
-    return _checked_bytes(lsn, doc.get("blobs", []), tensors, "blob", "image blob")
+    return checked_bytes(doc.get("blobs", []), tensors, "blob", "image blob", f"journal record {lsn}")
 
 
 def _attachments_of(lsn: int, doc: dict, tensors: dict[str, np.ndarray]) -> dict[str, bytes]:
     """The attachment bytes an add's commit record carries (by sha256), checked."""
-    return _checked_bytes(lsn, doc.get("attachments", []), tensors, "attachment", "attachment")
-
-
-def _checked_bytes(
-    lsn: int, shas: list, tensors: dict[str, np.ndarray], prefix: str, what: str
-) -> dict[str, bytes]:
-    # content-addressed payloads: each tensor ``{prefix}.{sha}`` must hash to its own name
-    out = {}
-    for sha in shas:
-        t = tensors.get(f"{prefix}.{sha}")
-        if not isinstance(sha, str) or not _SHA.match(sha) or t is None or t.dtype != np.uint8:
-            raise FormatError(f"journal record {lsn}: bad {what} {sha!r}")
-        data = t.tobytes()
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise FormatError(f"journal record {lsn}: {what} {sha[:12]} fails its checksum")
-        out[sha] = data
-    return out
+    where = f"journal record {lsn}"
+    return checked_bytes(doc.get("attachments", []), tensors, "attachment", "attachment", where)

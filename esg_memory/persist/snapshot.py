@@ -1,19 +1,27 @@
 """Saving and loading an `EditMemory` as a versioned directory of plain data.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
-    memory.json          format, format_version, encoder name/dim, config, next_id, retired ids,
-                         edits (with every version and its scope), attachment list, file checksums;
-                         in a durable directory's snapshot also ``journal: {lsn, lineage}`` (the
-                         last journal record it holds; see `esg_memory.durable`)
-    keys.safetensors     per edit: candidates, own negatives, question embedding, thresholds; the pool
-    blobs/<sha256>       every stored image once, named by the SHA-256 of its bytes
-    attachments/<file>   opaque per-(edit, version, kind) bytes
-    index/               the `ScopedIndex`, written by its own `save`
+    memory.json              format, format_version, encoder name/dim, config, next_id, retired ids,
+                             edits (with every version and its scope), attachment records (edit,
+                             version, kind, sha256, bytes), each file's sha256 and size; in a durable
+                             directory's snapshot also ``journal: {lsn, lineage}`` (the last journal
+                             record it holds; see `esg_memory.durable`)
+    keys.safetensors         per edit: candidates, own negatives, question embedding, thresholds; the pool
+    blobs.safetensors        every stored image once, a uint8 tensor ``blob.<sha256 of its bytes>``
+    attachments.safetensors  the attachments' bytes, one uint8 tensor ``attachment.<sha256>`` per content
+    index/                   the `ScopedIndex`, written by its own `save`
+
+Images and attachments are packed (as in journal records, `bytes_tensors` / `checked_bytes`) so a
+snapshot is a constant handful of files whatever it holds: one file and one fsync per image made a
+100k-edit save take minutes (issue #20). A pack with nothing in it is a safetensors file of zero
+tensors. Format version 1 (still read) kept them one file each: ``blobs/<sha256>`` and
+``attachments/<file>``, the file named in its attachment record.
 
 The directory is written with `index.atomic_directory` (a crash leaves the old one). `read_snapshot`
-checks everything it reads — format and version, encoder identity, checksums, shapes — and
-refuses with `FormatError` / `EncoderMismatchError` rather than guess; no pickle anywhere.
+checks everything it reads — format and version, encoder identity, checksums of every file and of
+every image and attachment, shapes — and refuses with `FormatError` / `EncoderMismatchError` rather
+than guess; no pickle anywhere.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,8 @@ from ..validate import check_encoder
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "bytes_tensors",
+    "checked_bytes",
     "edit_doc",
     "edit_from_doc",
     "read_snapshot",
@@ -61,12 +72,49 @@ __all__ = [
 logger = logging.getLogger("esg_memory.store")
 
 FORMAT_NAME = "esg-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+_BLOBS = "blobs.safetensors"
+_ATTACHMENTS = "attachments.safetensors"
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def bytes_tensors(items: Mapping[str, bytes], prefix: str, tensors: dict[str, np.ndarray]) -> list[str]:
+    """Add ``items`` (bytes by their sha256) to ``tensors`` as uint8 ``{prefix}.{sha}``; the shas, sorted.
+
+    Content-addressed raw bytes inside a safetensors file: the images and attachments of snapshot
+    packs and of journal records. `checked_bytes` reads them back.
+    """
+    for sha, data in items.items():
+        tensors[f"{prefix}.{sha}"] = np.frombuffer(bytes(data), dtype=np.uint8)
+    return sorted(items)
+
+
+def checked_bytes(
+    shas: Iterable[Any], tensors: dict[str, np.ndarray], prefix: str, what: str, where: str
+) -> dict[str, bytes]:
+    """The bytes of each ``{prefix}.{sha}`` tensor, by sha; `FormatError` naming any that is bad.
+
+    Each must be there, be raw bytes and hash to its own name: a pack's checksum only says that the
+    file is the one written, not that what was written was right.
+    """
+    out = {}
+    for sha in shas:
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            raise FormatError(f"{where}: bad {what} reference {sha!r}")
+        t = tensors.get(f"{prefix}.{sha}")
+        if t is None:
+            raise FormatError(f"{where}: {what} {sha} missing")
+        if t.dtype != np.uint8 or t.ndim != 1:
+            raise FormatError(f"{where}: {what} {sha} has dtype {t.dtype} / shape {t.shape}, not bytes")
+        data = t.tobytes()
+        if _sha(data) != sha:
+            raise FormatError(f"{where}: {what} {sha} fails its checksum (corrupted)")
+        out[sha] = data
+    return out
 
 
 def edit_doc(st: EditState, tensors: dict[str, np.ndarray], vectors: bool = True) -> dict[str, Any]:
@@ -181,20 +229,22 @@ def save_snapshot(snap: MemorySnapshot, path: Path, journal: dict[str, Any] | No
     edits = [edit_doc(snap.edits[eid], tensors) for eid in sorted(snap.edits)]
     keys_bytes = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
     attachments = []
-    files: dict[str, bytes] = {}
-    for n, ((eid, ver, kind), data) in enumerate(sorted(snap.attachments.items())):
-        name = f"{n:08d}.bin"
-        files[name] = data
-        attachments.append(
-            {
-                "edit": eid,
-                "version": ver,
-                "kind": kind,
-                "file": name,
-                "sha256": _sha(data),
-                "bytes": len(data),
-            }
-        )
+    by_sha: dict[str, bytes] = {}
+    for (eid, ver, kind), data in sorted(snap.attachments.items()):
+        sha = _sha(data)
+        by_sha[sha] = data  # equal bytes attached twice are stored once
+        attachments.append({"edit": eid, "version": ver, "kind": kind, "sha256": sha, "bytes": len(data)})
+    blob_tensors: dict[str, np.ndarray] = {}
+    att_tensors: dict[str, np.ndarray] = {}
+    bytes_tensors(snap.blobs, "blob", blob_tensors)
+    bytes_tensors(by_sha, "attachment", att_tensors)
+    # no __metadata__ (the format is memory.json's): safetensors writes it in hash-map order, and
+    # without it two saves of the same memory write the same pack bytes
+    files = {
+        "keys.safetensors": keys_bytes,
+        _BLOBS: st_save(blob_tensors),
+        _ATTACHMENTS: st_save(att_tensors),
+    }
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -210,7 +260,7 @@ def save_snapshot(snap: MemorySnapshot, path: Path, journal: dict[str, Any] | No
         "pool": {"n": int(snap.pool.keys.shape[0]), "images": list(snap.pool.images)},
         "edits": edits,
         "attachments": attachments,
-        "files": {"keys.safetensors": {"sha256": _sha(keys_bytes), "bytes": len(keys_bytes)}},
+        "files": {name: {"sha256": _sha(data), "bytes": len(data)} for name, data in files.items()},
     }
     if journal is not None:
         doc["journal"] = dict(journal)
@@ -220,13 +270,8 @@ def save_snapshot(snap: MemorySnapshot, path: Path, journal: dict[str, Any] | No
     except NotReplaceableError as e:
         raise InvalidInputError(f"cannot save the memory there: {e}") from None
     with atomic_directory(path, "memory.json") as tmp:
-        (tmp / "keys.safetensors").write_bytes(keys_bytes)
-        (tmp / "blobs").mkdir()
-        for sha, data in snap.blobs.items():
-            (tmp / "blobs" / sha).write_bytes(data)
-        (tmp / "attachments").mkdir()
         for name, data in files.items():
-            (tmp / "attachments" / name).write_bytes(data)
+            (tmp / name).write_bytes(data)
         snap.index.save(tmp / "index")
         (tmp / "memory.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
     logger.info("saved %d edits to %s", len(edits), path)
@@ -253,6 +298,15 @@ def _checked(path: Path, sha: str, size: int, what: str) -> bytes:
     if _sha(data) != sha:
         raise FormatError(f"{what}: checksum mismatch (corrupted)")
     return data
+
+
+def _pack(path: Path, doc: dict[str, Any], name: str) -> dict[str, np.ndarray]:
+    """The tensors of safetensors file ``name``, checked against its size and sha256 in memory.json."""
+    f = doc["files"][name]
+    try:
+        return st_load(_checked(path / name, f["sha256"], f["bytes"], name))
+    except SafetensorError as e:
+        raise FormatError(f"{name}: {e}") from None
 
 
 def _resolve_encoder(enc_doc: dict[str, Any], encoder: Any) -> Any:
@@ -311,11 +365,7 @@ def _build(path: Path, doc: dict[str, Any], encoder: Any, backend: str | None) -
     encoder = _resolve_encoder(doc["encoder"], encoder)
     config = MemoryConfig.from_dict(doc["config"])
     backend = backend or doc["backend"]
-    f = doc["files"]["keys.safetensors"]
-    try:
-        tensors = st_load(_checked(path / "keys.safetensors", f["sha256"], f["bytes"], "keys.safetensors"))
-    except SafetensorError as e:
-        raise FormatError(f"keys.safetensors: {e}") from None
+    tensors = _pack(path, doc, "keys.safetensors")
     dim = int(encoder.dim)
     tensor = tensor_reader(tensors, dim, "keys.safetensors")
     pool_keys = tensor("pool", 2)
@@ -341,7 +391,6 @@ def _build(path: Path, doc: dict[str, Any], encoder: Any, backend: str | None) -
                 raise FormatError(f"edit {eid}: stored link to edit {n} does not match its keys")
         if eid in retired or eid >= next_id:
             raise FormatError(f"edit {eid}: id conflicts with next_id / retired ids")
-    blobs: dict[str, bytes] = {}
     wanted = set(pool.images)
     for st in edits.values():
         for v in st.versions:
@@ -349,24 +398,25 @@ def _build(path: Path, doc: dict[str, Any], encoder: Any, backend: str | None) -
             wanted.update(p.image for p in v.positives)
             wanted.update(fb.image for fb in v.feedback)
     wanted.discard(None)
-    for sha in sorted(wanted):
-        if not isinstance(sha, str) or not _SHA.match(sha):
-            raise FormatError(f"bad image reference {sha!r}")
-        data = _read(path / "blobs" / sha, "blobs")
-        if _sha(data) != sha:
-            raise FormatError(f"blobs/{sha}: checksum mismatch (corrupted)")
-        blobs[sha] = data
+    packed = doc["format_version"] >= 2
+    if packed:
+        blobs = checked_bytes(sorted(wanted), _pack(path, doc, _BLOBS), "blob", "image blob", _BLOBS)
+        att_pack = _pack(path, doc, _ATTACHMENTS)
+    else:
+        blobs = _v1_blobs(path, sorted(wanted))
     attachments: dict[tuple[int, int, str], bytes] = {}
     for a in doc["attachments"]:
         eid, ver, kind = int(a["edit"]), int(a["version"]), str(a["kind"])
         if eid not in edits or not 1 <= ver <= edits[eid].current.version:
             raise FormatError(f"attachment for unknown edit/version {eid}/{ver}")
-        name = str(a["file"])
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise FormatError(f"attachment file name {name!r} is not allowed")
-        attachments[(eid, ver, kind)] = _checked(
-            path / "attachments" / name, a["sha256"], a["bytes"], f"attachments/{name}"
-        )
+        if not packed:
+            attachments[(eid, ver, kind)] = _v1_attachment(path, a)
+            continue
+        sha = a["sha256"]
+        data = checked_bytes([sha], att_pack, "attachment", "attachment", _ATTACHMENTS)[sha]
+        if len(data) != a["bytes"]:
+            raise FormatError(f"{_ATTACHMENTS}: attachment {sha}: {len(data)} bytes, expected {a['bytes']}")
+        attachments[(eid, ver, kind)] = data
     try:
         ix = ScopedIndex.load(path / "index")
     except ScopedIndexError as e:
@@ -404,6 +454,27 @@ def _build(path: Path, doc: dict[str, Any], encoder: Any, backend: str | None) -
         journal=journal,
     )
     return snap if backend == ix.backend else _with_backend(snap, backend)
+
+
+def _v1_blobs(path: Path, shas: list[Any]) -> dict[str, bytes]:
+    """Format 1's images: one file ``blobs/<sha256>`` each."""
+    blobs = {}
+    for sha in shas:
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            raise FormatError(f"bad image reference {sha!r}")
+        data = _read(path / "blobs" / sha, "blobs")
+        if _sha(data) != sha:
+            raise FormatError(f"blobs/{sha}: checksum mismatch (corrupted)")
+        blobs[sha] = data
+    return blobs
+
+
+def _v1_attachment(path: Path, a: dict[str, Any]) -> bytes:
+    """Format 1's attachment record ``a``: its bytes in ``attachments/<a["file"]>``."""
+    name = str(a["file"])
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise FormatError(f"attachment file name {name!r} is not allowed")
+    return _checked(path / "attachments" / name, a["sha256"], a["bytes"], f"attachments/{name}")
 
 
 def _with_backend(snap: MemorySnapshot, backend: str) -> MemorySnapshot:

@@ -85,10 +85,16 @@ class Store:
 
     @property
     def safe_url(self) -> str:
-        """The URL without its password (for messages and logs)."""
+        """The URL without its password — in the user part or a ``password=`` parameter (for messages
+        and logs)."""
         head, sep, rest = self.url.partition("://")
+        rest, q, query = rest.partition("?")
         creds, at, host = rest.rpartition("@")
-        return f"{head}{sep}{creds.split(':')[0]}@{host}" if at else self.url
+        rest = f"{creds.split(':')[0]}@{host}" if at else rest
+        if q:
+            parts = query.split("&")
+            query = "&".join("password=***" if p.lower().startswith("password=") else p for p in parts)
+        return f"{head}{sep}{rest}{q}{query}"
 
     # ------------------------------------------------------------------ connections
     def connect(self, autocommit: bool = False) -> Any:

@@ -82,7 +82,8 @@ def create_app(
         from .ui.audit import EvalAudit
 
         audit = EvalAudit(eval_dir)
-    lock = None if cfg.read_only else DirectoryLock(memory_dir).acquire()
+    # a shared (postgresql://) memory has no directory: the store serialises its writers instead
+    lock = None if cfg.read_only or memory_dir is None else DirectoryLock(memory_dir).acquire()
     metrics = Metrics()
     metrics.counter("http_requests_total", "HTTP requests by endpoint template, method and status.",
                     labels=("endpoint", "method", "status"))

@@ -25,18 +25,36 @@ from .server import bind_host, serve
 __all__ = ["add_serve_arguments", "main", "run_from_args"]
 
 
-def open_model(model_spec: str, clip_spec: str, memory_dir: Path, **placement: Any) -> Any:
+def open_model(model_spec: str, clip_spec: str, memory_dir: Path | None, store: str | None = None,
+               read_only: bool = False, store_config: Any = None, **placement: Any) -> Any:
     """The served `EditedModel`; ``placement``: `model_placement`'s keywords for the base model (the key
-    encoder stays on the CPU)."""
+    encoder stays on the CPU). ``store``: a ``postgresql://`` URL shared with other replicas (the
+    memory is opened there, started from the encoder's default memory when the store is empty)."""
     # imported here: loading pulls in torch and transformers, which `--help` and refusals never need
     from ..loading import load_base_model, load_encoder, new_memory
+    from ..memory import EditMemory
     from ..model import EditedModel
+    from ..replicas import open_store
 
-    saved = check_memory_dir(memory_dir)
+    saved = store is None and memory_dir is not None and check_memory_dir(memory_dir)
     encoder = load_encoder(clip_spec)
     base, processor = load_base_model(model_spec, **placement)
-    memory = memory_dir if saved else new_memory(encoder, clip_spec)
+    if store is not None:
+        memory: Any = open_store(EditMemory, store, encoder, readonly=read_only, config=store_config,
+                                 seed=_LazySeed(lambda: new_memory(encoder, clip_spec)))
+    else:
+        memory = memory_dir if saved else new_memory(encoder, clip_spec)
     return EditedModel.wrap(base, processor, memory=memory, encoder=encoder)
+
+
+class _LazySeed:
+    """The memory a new store starts from, built only when the store is empty."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def snapshot(self) -> Any:
+        return self.make().snapshot()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, memory_help: str) -> None:
@@ -55,19 +73,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, memory_help: str) -> No
             parser.add_argument(flag, default=argparse.SUPPRESS, help=text)
 
 
-def model_from_args(args: argparse.Namespace, memory_dir: Path) -> Any:
+def model_from_args(args: argparse.Namespace, memory_dir: Path | None, store: str | None = None,
+                    store_config: Any = None) -> Any:
     """`open_model` with the options `add_model_arguments` declares (placement checked before loading)."""
     from ..loading import DEFAULT_ENCODER, DEFAULT_MODEL, model_placement
 
     placement = model_placement(getattr(args, "device", None), getattr(args, "dtype", None),
                                 getattr(args, "device_map", None))
     return open_model(getattr(args, "model", None) or DEFAULT_MODEL,
-                      getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, **placement)
+                      getattr(args, "clip", None) or DEFAULT_ENCODER, memory_dir, store,
+                      bool(getattr(args, "read_only", False)), store_config, **placement)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``serve`` options (`add_model_arguments`'s, then the server's own)."""
     add_model_arguments(parser, "memory directory (created if missing)")
+    parser.add_argument("--store", default=os.environ.get("ESG_MEMORY_STORE"),
+                        help="postgresql:// URL of a memory shared by several replicas (instead of --memory; "
+                             "else $ESG_MEMORY_STORE); needs esg-memory[postgres]")
+    parser.add_argument("--staleness-bound", type=float, default=None, metavar="S",
+                        help="with --store: seconds of staleness after which /health answers 503 (default 2)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--token-file", help=f"file holding the bearer token (else ${TOKEN_ENV})")
@@ -90,18 +115,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Start the service from parsed arguments (blocks until stopped); returns an exit code."""
-    memory = getattr(args, "memory", None) or os.environ.get("ESG_MEMORY_DIR")
-    if not memory:
-        raise ConfigError("serve needs --memory DIR (or $ESG_MEMORY_DIR)")
+    store = getattr(args, "store", None)
+    memory = getattr(args, "memory", None) or (None if store else os.environ.get("ESG_MEMORY_DIR"))
+    if store and memory:
+        raise ConfigError("pass either --memory DIR or --store postgresql://..., not both")
+    if not (memory or store):
+        raise ConfigError("serve needs --memory DIR (or $ESG_MEMORY_DIR) or --store postgresql://...")
+    if store:
+        from ..replicas import is_store_url
+
+        if not is_store_url(store):
+            raise ConfigError(f"--store takes a postgresql:// URL, not {store!r}")
+    elif args.staleness_bound is not None:
+        raise ConfigError("--staleness-bound needs --store")
     token = load_token(args.token_file)
-    memory_dir = Path(memory)
+    memory_dir = Path(memory) if memory else None
     # refuse bad configurations before spending time loading models
     if token is None and not (args.insecure_local or args.read_only):
         raise ConfigError(f"refusing to serve writable without a bearer token: set ${TOKEN_ENV} or "
                           "--token-file, or pass --insecure-local (binds 127.0.0.1 only) or --read-only")
     host = bind_host(args.host, args.insecure_local, token)
     reads_protected(host, args.protect_reads, token)
-    model = model_from_args(args, memory_dir)  # placement, then the directory, checked before loading
+    store_config = None
+    if store and args.staleness_bound is not None:
+        from ..config import StoreConfig
+
+        # refused before loading models; the poll interval follows a bound below its default
+        bound = args.staleness_bound
+        store_config = StoreConfig(staleness_bound_s=bound, poll_s=min(StoreConfig.poll_s, bound / 4))
+    # placement, then the directory, checked before loading
+    model = model_from_args(args, memory_dir, store, store_config)
     config = ServiceConfig(max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms)
     serve(model, memory_dir, host=host, port=args.port, log_level=args.log_level, token=token,
           allowed_root=args.allowed_root, max_upload_bytes=int(args.max_upload_mb * 2**20),

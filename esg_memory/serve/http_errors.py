@@ -17,6 +17,8 @@ from ..errors import (
     ImageError,
     InvalidInputError,
     LockError,
+    StaleStateError,
+    StoreUnavailableError,
     UnknownEditError,
     VersionError,
 )
@@ -37,6 +39,8 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (DuplicateEditError, 409),
     (VersionError, 409),
     (LockError, 409),
+    (StaleStateError, 409),
+    (StoreUnavailableError, 503),  # the shared store is down: the write was not applied, retry later
     (ImageError, 422),
     (InvalidInputError, 422),
     (ConfigError, 400),

@@ -25,12 +25,15 @@ from .service import EditService
 __all__ = ["register_routes"]
 
 
-def _positives(items: list[Any] | None, uploads: list[LoadedImage], root: Path | None) -> list[Any] | None:
-    """Validated ``positives`` (texts or `PositiveIn`) as the service takes them: texts or (image bytes |
-    None, text | None); ``image_index`` points into the ``positive_image`` images."""
+def _examples(items: list[Any] | None, uploads: list[LoadedImage], root: Path | None,
+              field: str = "positives") -> list[Any] | None:
+    """Validated ``positives`` / ``negatives`` (texts or `PositiveIn`) as the service takes them: texts
+    or (image bytes | None, text | None); ``image_index`` points into the ``positive_image`` /
+    ``negative_image`` images."""
+    kind = field.removesuffix("s")
     if items is None:
         if uploads:
-            raise InvalidInputError("positive_image uploads need a positives list that references them")
+            raise InvalidInputError(f"{kind}_image uploads need a {field} list that references them")
         return None
     out: list[Any] = []
     for j, item in enumerate(items):
@@ -39,16 +42,16 @@ def _positives(items: list[Any] | None, uploads: list[LoadedImage], root: Path |
             continue
         given = [k for k in ("image", "image_path", "image_index") if getattr(item, k) is not None]
         if len(given) > 1:
-            raise InvalidInputError(f"positives[{j}] gives {' and '.join(given)}: one image at most")
+            raise InvalidInputError(f"{field}[{j}] gives {' and '.join(given)}: one image at most")
         data = None
         if item.image is not None:
-            what = f"positives[{j}].image"
+            what = f"{field}[{j}].image"
             data = image_from_bytes(decode_base64(item.image, what), what).data
         elif item.image_path is not None:
             data = resolve_image_path(item.image_path, root).data
         elif item.image_index is not None:
             if not 0 <= item.image_index < len(uploads):
-                raise InvalidInputError(f"positives[{j}].image_index must be in 0..{len(uploads) - 1}")
+                raise InvalidInputError(f"{field}[{j}].image_index must be in 0..{len(uploads) - 1}")
             data = uploads[item.image_index].data
         out.append((data, item.text))
     return out
@@ -103,9 +106,11 @@ def register_routes(app: Any, service: EditService, *, token: str | None, root: 
             return await run_in_threadpool(resolve_image_path, body.image_path, root)
         return None
 
-    async def positives(body: Any) -> list[Any] | None:
-        ups = [await decoded(d, f"positive_image {i}") for i, d in enumerate(body.positive_image or [])]
-        return await run_in_threadpool(_positives, body.positives, ups, root)
+    async def positives(body: Any, field: str = "positives") -> list[Any] | None:
+        kind = field.removesuffix("s")
+        given = getattr(body, f"{kind}_image") or []
+        ups = [await decoded(d, f"{kind}_image {i}") for i, d in enumerate(given)]
+        return await run_in_threadpool(_examples, getattr(body, field), ups, root, field)
 
     async def rows(body: Any) -> list[tuple[Any, str]]:
         prompts, images, paths = body.prompt, body.image, body.image_path
@@ -141,11 +146,11 @@ def register_routes(app: Any, service: EditService, *, token: str | None, root: 
         and on disk before this returns."""
         body = await read_body(request, EditIn)
         img = await one_image(body)
-        pos = await positives(body)
+        pos, neg = await positives(body), await positives(body, "negatives")
         return await run_in_threadpool(
             lambda: service.add_edit(None if img is None else img.data, body.question, body.answer,
-                                     positives=pos, metadata=body.metadata, edit_id=body.edit_id,
-                                     **tune(body)))
+                                     positives=pos, negatives=neg, metadata=body.metadata,
+                                     edit_id=body.edit_id, **tune(body)))
 
     @app.get("/edits", tags=["edits"], dependencies=reads, response_model=EditList,
              responses=error_responses(*read_errors, 422), **reply)
@@ -211,9 +216,13 @@ def register_routes(app: Any, service: EditService, *, token: str | None, root: 
         return {"results": await run_in_threadpool(service.route, batch)}
 
     @app.get("/health", tags=["service"], response_model=Health, **reply)
-    async def health() -> dict[str, Any]:
-        """Liveness and a summary (edit count, queue, last persistence error); always open, no edit data."""
-        return service.health()
+    async def health(response: Response) -> dict[str, Any]:
+        """Liveness and a summary (edit count, queue, last persistence error); always open, no edit data.
+        503 when a replica of a shared memory is staler than its bound (drain it)."""
+        out = service.health()
+        if out["status"] == "unhealthy":
+            response.status_code = 503
+        return out
 
     @app.get("/metrics", tags=["service"], response_class=Response, dependencies=reads,
              responses={200: {"description": "Prometheus text exposition format",

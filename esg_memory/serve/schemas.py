@@ -77,6 +77,8 @@ class PositiveIn(BaseModel):
 
 _POSITIVES = ('Extra inputs the edit must cover: texts, or {"text", "image" | "image_path" | "image_index"} '
               "objects (image_index points into positive_image).")
+_NEGATIVES = ("Inputs the edit must NOT hold: texts (asked about the edit's image), or the same objects as "
+              "positives (an image alone keeps the edit's question; image_index points into negative_image).")
 _TUNE = ("Tune the edit's adapter: auto, never, sync (before the reply) or background; "
          "absent: the service's default.")
 
@@ -84,9 +86,9 @@ _TUNE = ("Tune the edit's adapter: auto, never, sync (before the reply) or backg
 class EditIn(_Body):
     """``POST /edits``."""
 
-    LIST_FIELDS = frozenset({"positive_image"})
-    JSON_TEXT_FIELDS = frozenset({"positives", "metadata"})
-    IMAGE_FIELDS = frozenset({"image", "positive_image"})
+    LIST_FIELDS = frozenset({"positive_image", "negative_image"})
+    JSON_TEXT_FIELDS = frozenset({"positives", "negatives", "metadata"})
+    IMAGE_FIELDS = frozenset({"image", "positive_image", "negative_image"})
 
     question: str = Field(description="The question (prompt) the edit answers.")
     answer: str = Field(description="The new answer.")
@@ -94,6 +96,8 @@ class EditIn(_Body):
     image_path: str | None = Field(None, description="The edit's image: a path inside --allowed-root.")
     positives: list[str | PositiveIn] | None = Field(None, description=_POSITIVES)
     positive_image: list[bytes] | None = Field(None, description="Images the positives refer to by index.")
+    negatives: list[str | PositiveIn] | None = Field(None, description=_NEGATIVES)
+    negative_image: list[bytes] | None = Field(None, description="Images the negatives refer to by index.")
     metadata: dict[str, Any] | None = Field(None, description="Object stored with the edit.")
     tune: TuneMode | None = Field(None, description=_TUNE)
     edit_id: int | None = Field(None, description="Explicit id (ids are never reused).")
@@ -204,6 +208,9 @@ class EditVersionOut(_Reply):
     answer: str
     image: str | None = Field(None, description="Blob id (SHA-256) of the image, if any.")
     positives: list[dict[str, Any]] = []
+    feedback: list[dict[str, Any]] = Field([], description="Inputs this version must (positive) or must "
+                                                           "not (negative) hold: given with the add, or "
+                                                           "from /feedback.")
     created_at: float | None = None
     reason: str | None = None
 
@@ -277,10 +284,24 @@ class RouteReply(_Reply):
     results: list[RoutedRow]
 
 
+class ReplicaHealth(_Reply):
+    """How far a replica of a shared (PostgreSQL) memory can vouch for being current."""
+
+    healthy: bool = Field(description="stale_s within staleness_bound_s, following the log")
+    store: str = Field(description="ok or unreachable")
+    stale_s: float = Field(description="seconds since the replica last knew it had applied every write")
+    staleness_bound_s: float
+    applied: int = Field(description="the last log position this replica has applied")
+    diverged: str | None = None
+    last_error: str | None = None
+
+
 class Health(_Reply):
     """Liveness and a summary; no edit contents (``/health`` is open even when reads are protected)."""
 
-    status: str = Field(description="ok, or degraded after a failed journal write")
+    status: str = Field(description="ok; degraded after a failed journal write or while the shared store "
+                                    "is unreachable (reads served from memory, writes refused with 503); "
+                                    "unhealthy (HTTP 503) when a replica is staler than its bound")
     edits: int
     read_only: bool
     model_type: str | None = None
@@ -288,6 +309,7 @@ class Health(_Reply):
     queued: int
     uptime_s: float
     last_persist_error: str | None = None
+    replica: ReplicaHealth | None = None
 
 
 _ERRORS = {

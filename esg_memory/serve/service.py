@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import JournalConfig, ServiceConfig, check_tune_mode
-from ..errors import ConfigError, EsgMemoryError, InvalidInputError
+from ..errors import ConfigError, EsgMemoryError, InvalidInputError, StoreUnavailableError
 from .generation import BatchedGenerator, GenerateOptions, finite_or_none
 from .metrics import Metrics
 
@@ -54,8 +54,10 @@ class EditService:
                  metrics: Metrics | None = None) -> None:
         self.model = model
         self.config = config or ServiceConfig()
-        if memory_dir is None and not self.config.read_only:
-            raise ConfigError("a writable service needs a memory directory to persist edits to")
+        self.shared = bool(getattr(getattr(model.memory, "journal", None), "shared", False))
+        if memory_dir is None and not self.config.read_only and not self.shared:
+            raise ConfigError("a writable service needs a memory directory (or a postgresql:// store) "
+                              "to persist edits to")
         self.memory_dir = None if memory_dir is None else Path(memory_dir)
         self.metrics = metrics or Metrics()
         self._declare_metrics()
@@ -63,8 +65,11 @@ class EditService:
         self._tuning: dict[int, Future] = {}  # background tuning jobs still running
         self._tuning_lock = threading.Lock()
         self.last_persist_error: str | None = None
+        self._store_outage = False  # last_persist_error came from an unreachable shared store
         self._owns_journal = False
-        if not self.config.read_only:
+        if self.shared:
+            self._owns_journal = True  # opened for this service (`serve --store`): closed with it
+        elif not self.config.read_only:
             self._make_durable()
         self.started = time.time()
         self._reads = BatchedGenerator(model, self.config, self.metrics)
@@ -105,6 +110,9 @@ class EditService:
             yield out
         except OSError as exc:  # the journal could not be written: the write was not applied
             self.last_persist_error = f"{type(exc).__name__}: {exc}"
+            # a shared store that is down is watched by the replica's follower: health clears this
+            # once the store answers again, instead of waiting for this replica's next write
+            self._store_outage = isinstance(exc, StoreUnavailableError)
             raise
         out["seconds"] = _durable_stat(self.model.memory, "fsync_seconds") - j0
         self.last_persist_error = None
@@ -162,7 +170,7 @@ class EditService:
 
     def add_edit(self, image: Any, question: str, answer: str, positives: Sequence[Any] | None = None,
                  metadata: Mapping[str, Any] | None = None, tune: str | None = None,
-                 edit_id: int | None = None) -> dict[str, Any]:
+                 edit_id: int | None = None, negatives: Sequence[Any] | None = None) -> dict[str, Any]:
         """Add an edit; returns ``{"id", "version", "tune", "persist_seconds", "gives_answer", "tuning"}``
         once it is on disk. ``tune`` (default: the model's, ``"auto"``): see `EditedModel.add_edit`; the
         check and tuning of ``"auto"`` / ``"background"`` run after the reply (`get_edit` tells)."""
@@ -171,7 +179,8 @@ class EditService:
         with self._wmutex, self._journaled("add") as j:
             with self._reads.mutating():
                 eid = int(self.model.add_edit(image, question, answer, positives=list(positives or []),
-                                              tune="never", metadata=dict(metadata or {}), edit_id=edit_id))
+                                              tune="never", metadata=dict(metadata or {}), edit_id=edit_id,
+                                              negatives=None if negatives is None else list(negatives)))
             report = self._tune(eid, tune)
         return {"id": eid, "version": self.model.memory.get(eid).version, "tune": report,
                 "persist_seconds": round(j["seconds"], 4), **self._status(eid)}
@@ -270,8 +279,15 @@ class EditService:
         return self._reads.queued()
 
     def health(self) -> dict[str, Any]:
-        return {
-            "status": "degraded" if self.last_persist_error else "ok",
+        """Liveness and a summary. A replica of a shared memory adds ``replica`` (`SharedLog.health`):
+        ``healthy`` is false when it cannot vouch for having applied every write older than its
+        staleness bound (the route answers 503 then, so a load balancer drains it)."""
+        replica = self.model.memory.journal.health() if self.shared else None
+        if replica is not None and replica["store"] == "ok" and self._store_outage:
+            self.last_persist_error, self._store_outage = None, False
+        degraded = self.last_persist_error or (replica is not None and replica["store"] != "ok")
+        out = {
+            "status": "degraded" if degraded else "ok",
             "edits": len(self.model.memory),
             "read_only": self.config.read_only,
             "model_type": getattr(self.model.family, "model_type", None),
@@ -280,6 +296,11 @@ class EditService:
             "uptime_s": round(time.time() - self.started, 1),
             "last_persist_error": self.last_persist_error,
         }
+        if replica is not None:
+            out["replica"] = replica
+            if not replica["healthy"]:
+                out["status"] = "unhealthy"
+        return out
 
     def close(self) -> None:
         """Finish queued generation and tuning (tuned adapters are journaled), snapshot, then stop."""
