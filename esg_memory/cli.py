@@ -145,10 +145,9 @@ def _markdown_table(header: Sequence[str], rows: list[list[Any]]) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def _positives(args: argparse.Namespace) -> list:
-    pos: list = list(args.positive or [])
-    pos += [(p, None) for p in (args.positive_image or [])]
-    return pos
+def _examples(texts: list[str] | None, images: list[str] | None) -> list:
+    """``--positive`` / ``--negative`` texts, then ``--*-image`` paths as (image, None) pairs."""
+    return [*(texts or []), *((p, None) for p in (images or []))]
 
 
 def cmd_add(s: _Session, args: argparse.Namespace) -> int:
@@ -156,8 +155,8 @@ def cmd_add(s: _Session, args: argparse.Namespace) -> int:
         image=args.image,
         question=args.question,
         answer=args.answer,
-        positives=_positives(args),
-        negatives=[*(args.negative or []), *((p, None) for p in (args.negative_image or []))] or None,
+        positives=_examples(args.positive, args.positive_image),
+        negatives=_examples(args.negative, args.negative_image) or None,
         metadata=json.loads(args.metadata) if args.metadata else {},
     )
     if args.tune != "never" or args.with_model:
@@ -203,7 +202,8 @@ def cmd_delete(s: _Session, args: argparse.Namespace) -> int:
 
 def cmd_revise(s: _Session, args: argparse.Namespace) -> int:
     changes = dict(
-        answer=args.answer, question=args.question, image=args.image, positives=_positives(args) or None
+        answer=args.answer, question=args.question, image=args.image,
+        positives=_examples(args.positive, args.positive_image) or None,
     )
     if args.tune != "never" or args.with_model:
         version = s.model.revise_edit(args.edit_id, tune=args.tune, **changes)

@@ -54,16 +54,22 @@ def lookup(edits: dict[int, EditState], eid: Any) -> EditState:
     return st
 
 
+def _listed(values: Any, name: str) -> Any:
+    """``values`` as given when it is a list of examples (None: none); a lone text, bytes or dict is
+    refused rather than iterated."""
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise InvalidInputError(f"{name} must be a list of texts or (image, text|None) pairs")
+    return values
+
+
 def positives_arg(positives: Any, blobs: dict[str, bytes], stored: Committed) -> list[Positive]:
     """User positives: texts, `Positive`s naming stored images, or (image, text|None) pairs.
 
     New images are added to ``blobs`` (the write's images)."""
-    if positives is None:
-        return []
-    if isinstance(positives, (str, bytes, Mapping)) or not isinstance(positives, Iterable):
-        raise InvalidInputError("positives must be a list of texts or (image, text|None) pairs")
     out = []
-    for j, p in enumerate(positives):
+    for j, p in enumerate(_listed(positives, "positives")):
         if isinstance(p, str):
             out.append(Positive(text=check_text(p, f"positives[{j}]")))
         elif isinstance(p, Positive):
@@ -100,12 +106,8 @@ def negatives_arg(
     taken as given. Each is stored resolved (both sides named), so its meaning never depends on the
     version it sits in. The edit's own input cannot be one of its negatives.
     """
-    if negatives is None:
-        return []
-    if isinstance(negatives, (str, bytes, Mapping)) or not isinstance(negatives, Iterable):
-        raise InvalidInputError("negatives must be a list of texts or (image, text|None) pairs")
     out = []
-    for j, n in enumerate(negatives):
+    for j, n in enumerate(_listed(negatives, "negatives")):
         if isinstance(n, str):
             sha, txt = image, check_text(n, f"negatives[{j}]")
         elif isinstance(n, (tuple, list)) and len(n) == 2:

@@ -106,7 +106,7 @@ def register_routes(app: Any, service: EditService, *, token: str | None, root: 
             return await run_in_threadpool(resolve_image_path, body.image_path, root)
         return None
 
-    async def positives(body: Any, field: str = "positives") -> list[Any] | None:
+    async def examples(body: Any, field: str = "positives") -> list[Any] | None:
         kind = field.removesuffix("s")
         given = getattr(body, f"{kind}_image") or []
         ups = [await decoded(d, f"{kind}_image {i}") for i, d in enumerate(given)]
@@ -146,7 +146,7 @@ def register_routes(app: Any, service: EditService, *, token: str | None, root: 
         and on disk before this returns."""
         body = await read_body(request, EditIn)
         img = await one_image(body)
-        pos, neg = await positives(body), await positives(body, "negatives")
+        pos, neg = await examples(body), await examples(body, "negatives")
         return await run_in_threadpool(
             lambda: service.add_edit(None if img is None else img.data, body.question, body.answer,
                                      positives=pos, negatives=neg, metadata=body.metadata,
@@ -178,7 +178,7 @@ def register_routes(app: Any, service: EditService, *, token: str | None, root: 
         """Revise an edit (form or JSON): a new version supersedes the current one."""
         body = await read_body(request, ReviseIn)
         img = await one_image(body)
-        pos = await positives(body)
+        pos = await examples(body)
         return await run_in_threadpool(
             lambda: service.revise_edit(edit_id, question=body.question, answer=body.answer,
                                         image=None if img is None else img.data, positives=pos, **tune(body)))
