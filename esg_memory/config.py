@@ -316,6 +316,11 @@ class AdapterConfig:
     shipped easy-vqa LLaVA: K/V at 0.03 needs ~290 steps, at 0.3 ~140)."""
     max_steps: int = 300
     """Give up (report ``exact=False``) after this many steps."""
+    patience: int | None = None
+    """Also give up when the best point (the edit's own input first, then the smallest margin over every
+    example) has not improved by ``0.01`` in this many steps; None: only ``max_steps`` ends a miss. The
+    edits that miss on a small model stall early and far from the margin: every step they take past the
+    stall is spent for nothing (measured on the scenes world: ``benchmarks/results/tuning_budget.md``)."""
     margin: float = 1.0
     """Required logit margin of every target token over the runner-up before tuning stops."""
     max_examples: int = 16
@@ -334,8 +339,11 @@ class AdapterConfig:
             raise ConfigError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}")
         if self.soft_rank is not None and self.soft_rank < 1:
             raise ConfigError("soft_rank must be None or >= 1")
-        if self.max_steps < 1 or self.max_examples < 1 or self.cache_size < 1 or self.soft_budget_bytes < 1:
-            raise ConfigError("max_steps, max_examples, cache_size and soft_budget_bytes must be >= 1")
+        if min(self.max_steps, self.max_examples, self.cache_size, self.soft_budget_bytes,
+               1 if self.patience is None else self.patience) < 1:
+            raise ConfigError(
+                "max_steps, max_examples, patience, cache_size and soft_budget_bytes must be >= 1"
+            )
         if not ((self.lr is None or self.lr > 0) and self.margin >= 0):
             raise ConfigError("lr must be > 0 and margin >= 0")
 

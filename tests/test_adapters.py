@@ -102,6 +102,21 @@ def test_tuning_budget_exhausted_reports_not_exact():
         rt.tune(rt.compile(1, 1, Q, "purple"), [], "purple")
 
 
+def test_patience_ends_a_tuning_that_stopped_making_progress():
+    # a learning rate too small to move the margin: no progress after the first step
+    ex = [(shape_image((1, 2, 3)), Q)]
+    stalled = _runtime(max_steps=12, margin=50.0, lr=1e-12, patience=3)
+    tuned, report = stalled.tune(stalled.compile(1, 1, Q, "purple"), ex, "purple")
+    assert not report.exact and report.steps == 3 and tuned.exact is False
+    full = _runtime(max_steps=12, margin=50.0, lr=1e-12)
+    assert full.tune(full.compile(1, 1, Q, "purple"), ex, "purple")[1].steps == 12
+    # progress resets the count: a learning rate that moves the margin keeps going past the patience
+    moving = _runtime(max_steps=12, margin=50.0, lr=0.3, tuned_kind="kv", patience=3)
+    assert moving.tune(moving.compile(1, 1, Q, "purple"), ex, "purple")[1].steps > 3
+    with pytest.raises(ConfigError):
+        AdapterConfig(patience=0)
+
+
 def test_soft_rank_and_bytes_at_7b_shapes():
     for spec in (LLAVA_7B, QWEN2_VL_7B):
         for p_len in (12, 20, 40):

@@ -253,6 +253,8 @@ def test_config_validation():
         dict(immediate_sample=0),
         dict(tune_lr=0.0),
         dict(tune_max_steps=0),
+        dict(tune_examples=0),
+        dict(tune_patience=0),
     ):
         with pytest.raises(ConfigError):
             EvalConfig(**bad).validate()
@@ -273,6 +275,7 @@ def test_cli_scenes_run_uses_the_worlds_models(tmp_path, capsys):
     assert res["model"]["spec"] == "esg-scenes-llava" and res["config"]["encoder_spec"] == "esg-scenes-clip"
     assert res["data"]["kind"] == "scenes" and res["data"]["pool_size"] == 256
     assert res["config"]["tune_lr"] == 0.8 and res["config"]["tune_max_steps"] == 60
+    assert res["timings"]["tuning"] is None  # --tune never: nothing tuned, nothing to summarise
     ours = res["methods"]["ours"]["retention"]
     assert ours["i_t_gen"] is not None and ours["fidelity"]["i_t_gen"] is not None  # both held out at once
     assert res["methods"]["bare"]["retention"]["m_loc"] == 1.0

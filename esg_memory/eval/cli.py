@@ -40,6 +40,10 @@ def add_eval_arguments(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=16, help="most probes per model call (default 16)")
     sp.add_argument("--tune-lr", type=float, default=None, help="tuning learning rate (default: library)")
     sp.add_argument("--tune-steps", type=int, default=None, help="most tuning steps (default: library)")
+    sp.add_argument("--tune-examples", type=int, default=None,
+                    help="most tuning examples per edit (default: library)")
+    sp.add_argument("--tune-patience", type=int, default=None,
+                    help="stop tuning an edit after N steps without progress (default: never)")
     sp.add_argument(
         "--immediate-sample", type=int, default=None,
         help="score the immediate protocol on a seeded sample of N edits (default: every edit)",
@@ -76,6 +80,8 @@ def run_eval_command(args: argparse.Namespace, emit: Emit) -> int:
         immediate_sample=args.immediate_sample,
         tune_lr=args.tune_lr,
         tune_max_steps=args.tune_steps,
+        tune_examples=args.tune_examples,
+        tune_patience=args.tune_patience,
         revise_rate=args.revise_rate,
         delete_rate=args.delete_rate,
         methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else EvalConfig.methods,

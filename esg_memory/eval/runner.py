@@ -76,6 +76,11 @@ class EvalConfig:
     """Adam learning rate of adapter tuning (`AdapterConfig.lr`); None: the library default."""
     tune_max_steps: int | None = None
     """Most tuning steps per edit (`AdapterConfig.max_steps`); None: the library default."""
+    tune_patience: int | None = None
+    """Stop tuning an edit after this many steps without progress (`AdapterConfig.patience`)."""
+    tune_examples: int | None = None
+    """Most tuning examples per edit (`AdapterConfig.max_examples`: the edit's input first, then its
+    positives, rewrites and image views); None: the library default."""
     immediate_sample: int | None = None
     """Score the immediate protocol on a seeded sample of this many edits (None: every edit); the
     10 000 stream's ``--immediate-sample 1000``. Retention always scores every live edit."""
@@ -105,10 +110,13 @@ class EvalConfig:
             raise ConfigError("edits must be >= 1")
         if self.edits > _BIG and not self.big:
             raise ConfigError(f"streams over {_BIG} edits need big=True (--big)")
-        if (self.tune_lr is not None and not self.tune_lr > 0) or (
-            self.tune_max_steps is not None and self.tune_max_steps < 1
+        if (self.tune_lr is not None and not self.tune_lr > 0) or any(
+            v is not None and v < 1 for v in (self.tune_max_steps, self.tune_examples, self.tune_patience)
         ):
-            raise ConfigError("tune_lr must be > 0 and tune_max_steps >= 1 (or None: the library default)")
+            raise ConfigError(
+                "tune_lr must be > 0; tune_max_steps, tune_examples and tune_patience >= 1"
+                " (or None: the library default)"
+            )
         if self.immediate_sample is not None and self.immediate_sample < 1:
             raise ConfigError("immediate_sample must be >= 1 (or None: every edit)")
         if self.tune not in ("sync", "never"):
@@ -344,7 +352,9 @@ def run_eval(
     else:
         mem = EditMemory(timed, locality_pool=ds.pool or None)
     adapters = AdapterConfig(
-        **{k: v for k, v in (("lr", cfg.tune_lr), ("max_steps", cfg.tune_max_steps)) if v is not None}
+        **{k: v for k, v in (("lr", cfg.tune_lr), ("max_steps", cfg.tune_max_steps),
+                             ("max_examples", cfg.tune_examples), ("patience", cfg.tune_patience))
+           if v is not None}
     )
     em = EditedModel.wrap(
         base, processor, memory=mem, encoder=timed, config=EditedModelConfig(adapters=adapters)
@@ -373,6 +383,7 @@ def run_eval(
         sampled = {int(c) for c in pick}
     do_ret = cfg.protocol in ("retention", "both")
     edit_s: list[float] = []
+    tuned: list[Any] = []  # TuneReports, in stream order
     clock = StageClock()
     bar = _progress(len(ops), progress)
     n_added = 0
@@ -401,7 +412,7 @@ def run_eval(
             clock.add("scope", write_s - (timed.seconds - enc_before))
         if op.kind != "delete" and cfg.tune == "sync":  # what add_edit(tune="sync") does, timed apart
             with clock.stage("tune"):
-                em.tune_edit(run.eid[op.case], check=False)  # the probes that follow are the check
+                tuned.append(em.tune_edit(run.eid[op.case], check=False))  # the probes that follow check
         edit_s.append(time.perf_counter() - t)
         if op.kind in ("add", "revise") and do_imm and op.case in sampled:
             with clock.stage("probe_immediate"):
@@ -480,6 +491,7 @@ def run_eval(
             "edit_op_median_s": float(np.median(edit_s)) if edit_s else None,
             "model_runs": run.scorer.runs,
             "stages": clock.report(n),
+            "tuning": _tuning_summary(tuned),
             "total_s": time.perf_counter() - t_start,
         },
     }
@@ -489,6 +501,19 @@ def run_eval(
         gone = {m: {"right_after": del_immediate[m], "final": del_final[m]} for m in run.methods}
         write_outputs(results, Path(out_dir), probes=table, audit=run.audit_input(recs, gone))
     return results
+
+
+def _tuning_summary(reports: list[Any]) -> dict[str, Any] | None:
+    """How the stream's tunes ended: how many, the share that reached an exact match on every tuning
+    example, and their mean steps (None without tuning)."""
+    if not reports:
+        return None
+    return {
+        "tunes": len(reports),
+        "exact_share": sum(bool(r.exact) for r in reports) / len(reports),
+        "mean_steps": float(np.mean([r.steps for r in reports])),
+        "mean_examples": float(np.mean([r.n_examples for r in reports])),
+    }
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -28,6 +28,7 @@ __all__ = ["TuneReport", "TuningRuntime", "tune_prefix", "tuning_examples"]
 logger = logging.getLogger("esg_memory.adapters")  # the name it had before the move into esg_memory.model
 
 _DEFAULT_LR = {"kv": 0.3, "soft": 0.03}
+_PROGRESS = 0.01  # logit margin a step must add to the best point to count as progress (`patience`)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def tune_prefix(
     lr = cfg.lr if cfg.lr is not None else _DEFAULT_LR[kind]
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     t0 = time.perf_counter()
-    loss_v, margin_v, exact, step = float("nan"), float("-inf"), False, 0
+    loss_v, margin_v, exact, step, since = float("nan"), float("-inf"), False, 0, 0
     # the best point kept if the budget runs out: first the edit's own input (row 0) clearing the margin,
     # then the smallest margin over every example (an edit must at least answer its own input)
     best: tuple[tuple[float, float], dict[str, torch.Tensor]] = ((float("-inf"), float("-inf")), {})
@@ -152,9 +153,16 @@ def tune_prefix(
                 key = (min(float(rows[0]), cfg.margin), margin_v)
             loss_v = float(loss.detach())
             if key > best[0]:  # keep the best verified values in case the budget runs out
+                if key[0] > best[0][0] or key[1] > best[0][1] + _PROGRESS:
+                    since = 0
                 best = (key, {k: p.detach().clone() for k, p in params.items()})
             if margin_v >= cfg.margin:
                 exact = True
+                break
+            since += 1
+            if cfg.patience is not None and since >= cfg.patience:
+                logger.debug("edit %d v%d: no progress in %d steps, stopping at step %d",
+                             base.edit_id, base.version, since, step)
                 break
             grads = torch.autograd.grad(loss, list(params.values()))
             for p, g in zip(params.values(), grads, strict=True):
